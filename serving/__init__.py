@@ -1,0 +1,1 @@
+"""xorserve serving: the Open Inference Protocol gRPC server on ONNX Runtime and its clients."""

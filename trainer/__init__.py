@@ -1,0 +1,1 @@
+"""xorserve trainer: the XOR classifier of the course notes, its training, export and parity."""
