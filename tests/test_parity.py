@@ -1,0 +1,218 @@
+"""Parity: PyTorch vs ONNX Runtime on the same points; a pass, failures, contract checks, the served path."""
+
+import json
+import shutil
+import sys
+import types
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from serving.cli import main
+from serving.runtime import DeviceUnavailableError, SessionSettings, open_session
+from trainer.export import export_state_dict
+from trainer.model import XorClassifier
+from trainer.parity import compare, parity_points, run_parity
+
+
+def make_model_folder(folder, seed: int):
+    """A model folder (state_dict.pt + model.onnx) for a classifier with seeded random weights."""
+    folder.mkdir(parents=True, exist_ok=True)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = XorClassifier()
+    torch.save(model.state_dict(), folder / "state_dict.pt")
+    export_state_dict(folder / "state_dict.pt", folder / "model.onnx")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def model_folder(tmp_path_factory):
+    return make_model_folder(tmp_path_factory.mktemp("models") / "xor" / "1", seed=11)
+
+
+@pytest.fixture(scope="module")
+def other_weights_onnx(tmp_path_factory):
+    return make_model_folder(tmp_path_factory.mktemp("other"), seed=12) / "model.onnx"
+
+
+@pytest.fixture
+def cuda_available(model_folder):
+    try:
+        open_session(model_folder / "model.onnx", SessionSettings(device="cuda"))
+    except DeviceUnavailableError:
+        return False
+    return True
+
+
+def test_points_are_the_grid_the_random_points_and_the_corners():
+    points = parity_points()
+    assert points.shape == (1_100_004, 2) and points.dtype == np.float32
+    grid = points[:1_000_000]
+    assert grid.min() == -0.5 and grid.max() == 1.5 and len(np.unique(grid[:, 0])) == 1000
+    assert points[-4:].tolist() == [[0, 0], [0, 1], [1, 0], [1, 1]]
+    assert np.array_equal(parity_points(), points)
+
+
+def test_exported_model_passes_on_cpu(model_folder):
+    result = run_parity(model_folder, device="cpu")
+    assert result["passed"] is True
+    (cpu,) = result["paths"]
+    assert cpu["provider"] == "CPUExecutionProvider"
+    for output in cpu["outputs"].values():
+        assert output["max_abs_error"] <= 1e-5
+        assert output["label_agreement"] == 1.0
+
+
+def test_parity_command_prints_a_table_writes_json_and_exits_zero(model_folder, tmp_path, capsys):
+    assert main(["parity", str(model_folder), "--device", "cpu", "--json", str(tmp_path / "parity.json")]) == 0
+    printed = capsys.readouterr().out
+    assert "onnxruntime-cpu" in printed and "probability" in printed and "PASS" in printed
+    written = json.loads((tmp_path / "parity.json").read_text())
+    assert written["passed"] is True
+    assert set(written["paths"][0]["outputs"]) == {"logits", "probability"}
+
+
+def test_model_with_other_weights_fails(model_folder, other_weights_onnx, tmp_path, capsys):
+    folder = tmp_path / "mismatched"
+    folder.mkdir()
+    shutil.copy(model_folder / "state_dict.pt", folder / "state_dict.pt")
+    shutil.copy(other_weights_onnx, folder / "model.onnx")
+    assert main(["parity", str(folder), "--device", "cpu", "--json", str(tmp_path / "parity.json")]) == 1
+    assert "FAIL" in capsys.readouterr().out
+    outputs = json.loads((tmp_path / "parity.json").read_text())["paths"][0]["outputs"]
+    assert outputs["probability"]["max_abs_error"] > 1e-5
+    assert outputs["probability"]["labels_differing"] > 0
+
+
+def test_model_with_a_renamed_output_is_refused_with_the_reason(model_folder, tmp_path, capsys):
+    folder = tmp_path / "renamed"
+    folder.mkdir()
+    shutil.copy(model_folder / "state_dict.pt", folder / "state_dict.pt")
+    model = onnx.load(model_folder / "model.onnx")
+    model.graph.output[1].name = "prob"
+    for node in model.graph.node:
+        node.output[:] = ["prob" if name == "probability" else name for name in node.output]
+    onnx.save(model, folder / "model.onnx")
+    assert main(["parity", str(folder), "--device", "cpu"]) == 2
+    message = capsys.readouterr().out
+    assert "does not match the contract" in message and "'prob'" in message and "'probability'" in message
+
+
+def test_model_with_a_fixed_batch_size_is_refused(model_folder, tmp_path, capsys):
+    folder = tmp_path / "fixed"
+    folder.mkdir()
+    shutil.copy(model_folder / "state_dict.pt", folder / "state_dict.pt")
+    model = onnx.load(model_folder / "model.onnx")
+    for value in [*model.graph.input, *model.graph.output]:
+        value.type.tensor_type.shape.dim[0].dim_value = 8
+    onnx.save(model, folder / "model.onnx")
+    assert main(["parity", str(folder), "--device", "cpu"]) == 2
+    assert "expected [-1, 2] (dynamic batch)" in capsys.readouterr().out
+
+
+def test_folder_without_model_is_refused(tmp_path, capsys):
+    assert main(["parity", str(tmp_path), "--device", "cpu"]) == 2
+    assert "model.onnx does not exist" in capsys.readouterr().out
+
+
+def _outputs(logits):
+    logits = np.asarray(logits, dtype=np.float32).reshape(-1, 1)
+    return {"logits": logits, "probability": 1 / (1 + np.exp(-logits))}
+
+
+def test_compare_fails_on_a_single_flipped_label_within_tolerance():
+    reference = _outputs([-2.0, 1e-7, 3.0])
+    candidate = _outputs([-2.0, -1e-7, 3.0])
+    result = compare(reference, candidate)
+    assert result["outputs"]["logits"]["max_abs_error"] < 1e-5
+    assert result["outputs"]["logits"]["labels_differing"] == 1
+    assert result["passed"] is False
+
+
+def test_compare_fails_on_an_error_over_tolerance_without_label_change():
+    result = compare(_outputs([-2.0, 3.0]), _outputs([-2.0, 3.0 + 2e-5]))
+    assert result["outputs"]["logits"]["labels_differing"] == 0
+    assert result["passed"] is False
+
+
+def test_compare_counts_relative_error_only_where_the_reference_is_above_1e_3():
+    result = compare(_outputs([1e-4, 1.0]), _outputs([2e-4, 1.0 + 1e-6]))
+    assert result["outputs"]["logits"]["rel_error_points"] == 1
+    assert result["outputs"]["logits"]["max_rel_error"] == pytest.approx(1e-6, rel=0.1)
+
+
+def test_asking_for_cuda_without_cuda_exits_2(model_folder, cuda_available, capsys):
+    if cuda_available:
+        pytest.skip("ONNX Runtime has CUDA here")
+    assert main(["parity", str(model_folder), "--device", "cuda"]) == 2
+    assert "--device cuda" in capsys.readouterr().out
+
+
+def test_auto_without_cuda_checks_cpu_and_reports_cuda_not_run(model_folder, cuda_available):
+    if cuda_available:
+        pytest.skip("ONNX Runtime has CUDA here")
+    result = run_parity(model_folder, device="auto")
+    assert [p["path"] for p in result["paths"]] == ["onnxruntime-cpu"]
+    assert [u["path"] for u in result["unavailable"]] == ["onnxruntime-cuda", "onnxruntime-cuda-tf32"]
+    assert result["passed"] is True
+
+
+@pytest.mark.gpu
+def test_cuda_with_tf32_off_passes_and_tf32_on_is_information_only(model_folder, cuda_available):
+    if not cuda_available:
+        pytest.skip("no CUDA execution provider")
+    result = run_parity(model_folder, device="cuda")
+    paths = {p["path"]: p for p in result["paths"]}
+    assert paths["onnxruntime-cuda"]["provider"] == "CUDAExecutionProvider"
+    assert paths["onnxruntime-cuda"]["passed"] is True and paths["onnxruntime-cuda"]["gating"] is True
+    assert paths["onnxruntime-cuda-tf32"]["gating"] is False
+    assert result["passed"] is True
+
+
+def fake_client_module(model_folder, perturb: bool = False):
+    """A stand-in for serving.client whose server is an in-process CPU session (optionally one ulp off)."""
+    session = open_session(model_folder / "model.onnx", SessionSettings(device="cpu"))
+    requests = []
+
+    class InferenceClient:
+        def __init__(self, url, model="xor", version="", timeout_s=10.0, retries=3):
+            requests.append({"url": url, "model": model, "version": version, "rows": []})
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def infer(self, x, outputs=None):
+            requests[-1]["rows"].append(len(x))
+            logits, probability = session.run(["logits", "probability"], {"input": x})
+            if perturb:
+                logits = np.nextafter(logits, np.float32(np.inf))
+            return {"logits": logits, "probability": probability}
+
+    class InferenceError(Exception):
+        pass
+
+    module = types.SimpleNamespace(InferenceClient=InferenceClient, InferenceError=InferenceError)
+    return module, requests
+
+
+def test_served_outputs_equal_in_process_bit_for_bit(model_folder, monkeypatch, capsys):
+    module, requests = fake_client_module(model_folder)
+    monkeypatch.setitem(sys.modules, "serving.client", module)
+    assert main(["parity", str(model_folder), "--device", "cpu", "--url", "localhost:8001"]) == 0
+    assert "bit-identical to in-process session on: CPUExecutionProvider" in capsys.readouterr().out
+    (request,) = requests
+    assert (request["url"], request["model"], request["version"]) == ("localhost:8001", "xor", "1")
+    assert max(request["rows"]) == 65_536 and sum(request["rows"]) == 1_100_004
+
+
+def test_served_outputs_one_ulp_off_fail(model_folder, monkeypatch, capsys):
+    module, _ = fake_client_module(model_folder, perturb=True)
+    monkeypatch.setitem(sys.modules, "serving.client", module)
+    assert main(["parity", str(model_folder), "--device", "cpu", "--url", "localhost:8001"]) == 1
+    assert "bit-identical to in-process session on: NONE" in capsys.readouterr().out

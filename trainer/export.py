@@ -1,0 +1,258 @@
+"""Export a saved state_dict of the XOR classifier to ONNX: input `input` [batch, 2], outputs `logits` and
+`probability` = sigmoid(logits), both [batch, 1], FP32; provenance in the model's metadata_props.
+
+The file is reproducible: the same state_dict and provenance give the same bytes. PyTorch's exporter
+records source paths and stack traces in node metadata; they are stripped, and nothing time- or
+path-dependent is written. IR version 10 (onnxruntime 1.31 loads IR <= 13), opset 20, weights inline.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import json
+import logging
+import warnings
+from pathlib import Path
+
+import onnx
+import torch
+
+from serving.cli import env_default
+from trainer.model import XorClassifier, architecture, load_classifier
+
+log = logging.getLogger(__name__)
+
+OPSET = 20
+IR_VERSION = 10
+INPUT_NAME = "input"
+OUTPUT_NAMES = ("logits", "probability")
+BATCH_AXIS = "batch"
+DOC_STRING = (
+    "XOR classifier of the course notes: {architecture}. "
+    "Outputs: logits, and probability = sigmoid(logits); class 1 when probability >= 0.5."
+)
+# Training settings that the provenance carries when they are known (key in metadata_props <- key in report.json).
+TRAINING_KEYS = {
+    "seed": "seed",
+    "train_size": "train_size",
+    "test_size": "test_size",
+    "dataset_std": "std",
+    "epochs": "epochs",
+    "learning_rate": "lr",
+    "batch_size": "batch_size",
+}
+
+
+class XorClassifierWithProbability(XorClassifier):
+    """The classifier with the sigmoid inside, so the exported graph gives both the logit and the probability."""
+
+    def forward(self, x):
+        logits = super().forward(x)
+        return logits, torch.sigmoid(logits)
+
+
+def repository_names(folder: str | Path) -> tuple[str, str]:
+    """(model name, version) of a model-repository version folder <repository>/<model>/<version>/;
+    ("xor", "1") for a folder not laid out that way."""
+    folder = Path(folder).resolve()
+    if folder.name.isdigit() and folder.parent.name:
+        return folder.parent.name, folder.name
+    return "xor", "1"
+
+
+def sha256_file(path: str | Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def provenance(
+    model: XorClassifier,
+    state_dict_path: str | Path,
+    model_name: str = "xor",
+    model_version: str = "1",
+    training: dict | None = None,
+    test_accuracy: float | None = None,
+) -> dict[str, str]:
+    """The metadata_props of the exported model: what it is, how it was trained, and from which weights."""
+    import onnxscript  # only its version is wanted
+
+    props = {
+        "model_name": model_name,
+        "model_version": model_version,
+        "architecture": architecture(model),
+        "loss": "BCEWithLogitsLoss",
+        "optimizer": "SGD",
+    }
+    for key, setting in TRAINING_KEYS.items():
+        if training and setting in training:
+            props[key] = str(training[setting])
+    if test_accuracy is not None:
+        props["test_accuracy"] = str(test_accuracy)
+    props.update(
+        {
+            "torch_version": torch.__version__,
+            "onnx_version": onnx.__version__,
+            "onnxscript_version": onnxscript.__version__,
+            "opset": str(OPSET),
+            "state_dict_sha256": sha256_file(state_dict_path),
+        }
+    )
+    return props
+
+
+def _strip_debug_info(model: onnx.ModelProto) -> None:
+    """Remove what the exporter records about the Python source (paths, stack traces, FX node text)."""
+
+    def clear(proto) -> None:
+        del proto.metadata_props[:]
+        proto.doc_string = ""
+
+    graph = model.graph
+    for proto in [graph, *graph.node, *graph.input, *graph.output, *graph.value_info, *graph.initializer]:
+        clear(proto)
+    for function in model.functions:
+        for proto in [function, *function.node]:
+            clear(proto)
+    del model.metadata_props[:]
+
+
+@contextlib.contextmanager
+def _quiet_exporter():
+    # The exporter warns about optional torchvision ops and deprecations that do not concern this model.
+    names = ["torch.onnx", "torch.export", "torch._export", "onnxscript", "onnx_ir"]
+    levels = {name: logging.getLogger(name).level for name in names}
+    try:
+        for name in names:
+            logging.getLogger(name).setLevel(logging.ERROR)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for name, level in levels.items():
+            logging.getLogger(name).setLevel(level)
+
+
+def to_onnx(model: XorClassifier, metadata: dict[str, str]) -> onnx.ModelProto:
+    """The ONNX model of `model` (CPU, eval mode), debug info stripped, metadata set, checked."""
+    export_model = XorClassifierWithProbability(
+        num_inputs=model.linear1.in_features,
+        num_hidden=model.linear1.out_features,
+        num_outputs=model.linear2.out_features,
+    )
+    export_model.load_state_dict(model.state_dict())
+    export_model.eval()
+    example = torch.zeros(3, model.linear1.in_features)
+    with _quiet_exporter():
+        program = torch.onnx.export(
+            export_model,
+            (example,),
+            input_names=[INPUT_NAME],
+            output_names=list(OUTPUT_NAMES),
+            dynamic_shapes={"x": {0: torch.export.Dim(BATCH_AXIS)}},
+            opset_version=OPSET,
+            dynamo=True,
+            external_data=False,
+            verbose=False,
+        )
+    onnx_model = program.model_proto
+    _strip_debug_info(onnx_model)
+    if onnx_model.ir_version > IR_VERSION:
+        onnx_model.ir_version = IR_VERSION
+    onnx_model.doc_string = DOC_STRING.format(architecture=architecture(model))
+    for key, value in metadata.items():
+        onnx_model.metadata_props.add(key=key, value=value)
+    onnx.checker.check_model(onnx_model, full_check=True)
+    return onnx_model
+
+
+def export_state_dict(
+    state_dict_path: str | Path,
+    out: str | Path,
+    model_name: str = "xor",
+    model_version: str = "1",
+    training: dict | None = None,
+    test_accuracy: float | None = None,
+) -> Path:
+    """Load the state_dict, export it with its provenance, write `out`; returns the path written."""
+    model = load_classifier(state_dict_path)
+    metadata = provenance(model, state_dict_path, model_name, model_version, training, test_accuracy)
+    onnx_model = to_onnx(model, metadata)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_bytes(onnx_model.SerializeToString())
+    log.info(
+        "event=export_done out=%s bytes=%d opset=%d ir_version=%d sha256=%s",
+        out,
+        out.stat().st_size,
+        OPSET,
+        onnx_model.ir_version,
+        sha256_file(out),
+    )
+    return out
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("state_dict", type=Path, help="state_dict file saved by `xorserve train` (torch.save)")
+    out_default = env_default("out", None)
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=out_default,
+        required=out_default is None,
+        help="ONNX file to write, e.g. models/xor/2/model.onnx (env XORSERVE_OUT)",
+    )
+    parser.add_argument(
+        "--report",
+        type=Path,
+        default=env_default("report", None),
+        help="report.json of the training run, for the provenance (seed, data set, epochs, lr, accuracy); "
+        "default: report.json beside STATE_DICT when there is one (env XORSERVE_REPORT)",
+    )
+    add_name_arguments(parser)
+
+
+def add_name_arguments(parser: argparse.ArgumentParser) -> None:
+    """--model-name and --model-version: recorded in the metadata; `xorserve train` shares them."""
+    parser.add_argument(
+        "--model-name",
+        default=env_default("model_name", None),
+        help="model name recorded (default: <model> when the output folder is <repository>/<model>/<version>, "
+        "else xor) (env XORSERVE_MODEL_NAME)",
+    )
+    parser.add_argument(
+        "--model-version",
+        default=env_default("model_version", None),
+        help="model version recorded (default: <version> when the output folder is <repository>/<model>/<version>, "
+        "else 1) (env XORSERVE_MODEL_VERSION)",
+    )
+
+
+def resolve_names(args: argparse.Namespace, folder: Path) -> tuple[str, str]:
+    name, version = repository_names(folder)
+    return args.model_name or name, args.model_version or version
+
+
+def run(args: argparse.Namespace) -> int:
+    if not args.state_dict.is_file():
+        print(f"error: state_dict {args.state_dict} does not exist")
+        return 2
+    report_path = args.report or args.state_dict.with_name("report.json")
+    training, test_accuracy = None, None
+    if report_path.is_file():
+        report = json.loads(report_path.read_text())
+        training, test_accuracy = report.get("settings"), report.get("test_accuracy")
+        log.info("event=provenance_from report=%s", report_path)
+    elif args.report:
+        print(f"error: report {args.report} does not exist")
+        return 2
+    else:
+        log.info("event=provenance_partial reason=no_report_json")
+    try:
+        name, version = resolve_names(args, args.out.parent)
+        out = export_state_dict(args.state_dict, args.out, name, version, training, test_accuracy)
+    except ValueError as exc:
+        print(f"error: {exc}")
+        return 2
+    print(f"wrote {out} ({out.stat().st_size} bytes, opset {OPSET}, sha256 {sha256_file(out)})")
+    return 0

@@ -1,0 +1,339 @@
+"""Check that ONNX Runtime (and a running server) give PyTorch's numbers for a model folder.
+
+The same 1,100,004 points go through PyTorch (fp32, CPU, from state_dict.pt) and through model.onnx in
+ONNX Runtime: on CPU always, on CUDA when there is one (use_tf32 off; TF32 on is reported as
+information, never gating). Points: a 1,000 x 1,000 grid over [-0.5, 1.5]^2, 100,000 random points
+(normal, mean 0.5, std 1, fixed seed: inside and around the square) and the 4 corners of {0,1}^2.
+
+For each output: the max absolute error, the max relative error where |reference| > 1e-3, and the
+label agreement (probability >= 0.5, logits >= 0). A path passes when the max absolute error is
+<= 1e-5 and every label agrees. With --url, the points are also sent to a server in chunks; its outputs
+must equal the in-process ONNX Runtime session's bit for bit.
+
+Exit status: 0 every gating path passes; 1 a path misses; 2 the model folder does not match the
+contract (files, input/output names, types, shapes), the device asked for cannot be had, or the
+server fails a request.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+
+from serving.cli import env_default
+
+log = logging.getLogger(__name__)
+
+MAX_ABS_ERROR = 1e-5
+REL_ERROR_FLOOR = 1e-3  # relative errors only where |reference| exceeds this
+GRID_SIZE = 1000
+GRID_LIMITS = (-0.5, 1.5)
+RANDOM_POINTS = 100_000
+RANDOM_SEED = 2026
+SERVED_CHUNK_ROWS = 65_536
+# Each output's label rule: both say "class 1" for the same points.
+LABEL_THRESHOLDS = {"logits": 0.0, "probability": 0.5}
+INPUT_NAME = "input"
+OUTPUT_NAMES = ("logits", "probability")
+ONNX_FLOAT = "tensor(float)"
+
+
+class ContractError(Exception):
+    """The model folder is not what the parity check (and the server) expect; the message says why."""
+
+
+def parity_points(grid_size: int = GRID_SIZE, random_points: int = RANDOM_POINTS, seed: int = RANDOM_SEED):
+    """The inputs, float32 [N, 2]: grid, then random points, then the corners."""
+    axis = np.linspace(*GRID_LIMITS, grid_size, dtype=np.float32)
+    xx1, xx2 = np.meshgrid(axis, axis, indexing="xy")
+    grid = np.stack([xx1.ravel(), xx2.ravel()], axis=1)
+    random = np.random.default_rng(seed).normal(0.5, 1.0, size=(random_points, 2)).astype(np.float32)
+    corners = np.array([[0, 0], [0, 1], [1, 0], [1, 1]], dtype=np.float32)
+    return np.concatenate([grid, random, corners])
+
+
+def describe_points(grid_size: int = GRID_SIZE, random_points: int = RANDOM_POINTS, seed: int = RANDOM_SEED) -> dict:
+    return {
+        "total": grid_size * grid_size + random_points + 4,
+        "grid": f"{grid_size}x{grid_size} over [{GRID_LIMITS[0]}, {GRID_LIMITS[1]}]^2",
+        "random": f"{random_points} normal(mean 0.5, std 1), seed {seed}",
+        "corners": 4,
+    }
+
+
+def compare(reference: dict[str, np.ndarray], candidate: dict[str, np.ndarray]) -> dict:
+    """Errors and label agreement of `candidate` against `reference`, per output, and whether it passes."""
+    outputs = {}
+    for name in OUTPUT_NAMES:
+        ref = reference[name].astype(np.float64).ravel()
+        got = candidate[name].astype(np.float64).ravel()
+        if ref.shape != got.shape:
+            raise ContractError(f"output {name!r} has {got.size} values; expected {ref.size}")
+        abs_error = np.abs(got - ref)
+        relevant = np.abs(ref) > REL_ERROR_FLOOR
+        rel_error = abs_error[relevant] / np.abs(ref[relevant])
+        threshold = LABEL_THRESHOLDS[name]
+        labels_differing = int(np.count_nonzero((ref >= threshold) != (got >= threshold)))
+        max_abs = float(abs_error.max()) if abs_error.size else 0.0
+        outputs[name] = {
+            "max_abs_error": max_abs,
+            "max_rel_error": float(rel_error.max()) if rel_error.size else 0.0,
+            "rel_error_points": int(relevant.sum()),
+            "labels_differing": labels_differing,
+            "label_agreement": 1.0 - labels_differing / ref.size if ref.size else 1.0,
+            "non_finite": int(np.count_nonzero(~np.isfinite(got))),
+        }
+        outputs[name]["passed"] = bool(
+            max_abs <= MAX_ABS_ERROR and labels_differing == 0 and outputs[name]["non_finite"] == 0
+        )
+    return {"outputs": outputs, "passed": all(o["passed"] for o in outputs.values())}
+
+
+def torch_reference(state_dict_path: Path, points: np.ndarray) -> dict[str, np.ndarray]:
+    """Logits and probabilities from PyTorch, fp32 on CPU, as the notes' eval_model computes them."""
+    import torch
+
+    from trainer.model import load_classifier
+
+    try:
+        model = load_classifier(state_dict_path)
+    except ValueError as exc:
+        raise ContractError(str(exc)) from exc
+    with torch.no_grad():
+        logits = model(torch.from_numpy(points))
+        probability = torch.sigmoid(logits)
+    return {"logits": logits.numpy(), "probability": probability.numpy()}
+
+
+def check_contract(session) -> None:
+    """Raise ContractError unless the session has input `input` float [batch, 2] and outputs logits, probability."""
+    problems = []
+    inputs = session.get_inputs()
+    if [i.name for i in inputs] != [INPUT_NAME]:
+        problems.append(f"inputs are {[i.name for i in inputs]}; expected ['{INPUT_NAME}']")
+    else:
+        _check_tensor(inputs[0], 2, problems)
+    outputs = {o.name: o for o in session.get_outputs()}
+    if sorted(outputs) != sorted(OUTPUT_NAMES):
+        problems.append(f"outputs are {sorted(outputs)}; expected {sorted(OUTPUT_NAMES)}")
+    else:
+        for name in OUTPUT_NAMES:
+            _check_tensor(outputs[name], 1, problems)
+    if problems:
+        raise ContractError("model.onnx does not match the contract: " + "; ".join(problems))
+
+
+def _check_tensor(arg, width: int, problems: list[str]) -> None:
+    if arg.type != ONNX_FLOAT:
+        problems.append(f"{arg.name!r} has type {arg.type}; expected {ONNX_FLOAT} (FP32)")
+    shape = list(arg.shape)
+    # A dynamic axis shows as a name (str) or None; a fixed batch size would refuse other batches.
+    if len(shape) != 2 or isinstance(shape[0], int) or shape[1] != width:
+        problems.append(f"{arg.name!r} has shape {shape}; expected [-1, {width}] (dynamic batch)")
+
+
+def run_session(session, points: np.ndarray, chunk_rows: int | None = None) -> dict[str, np.ndarray]:
+    chunks = [points] if chunk_rows is None else [points[i : i + chunk_rows] for i in range(0, len(points), chunk_rows)]
+    results = [session.run(list(OUTPUT_NAMES), {INPUT_NAME: chunk}) for chunk in chunks]
+    return {name: np.concatenate([r[k] for r in results]) for k, name in enumerate(OUTPUT_NAMES)}
+
+
+def run_served(url: str, model: str, version: str, points: np.ndarray, chunk_rows: int) -> dict[str, np.ndarray]:
+    """The outputs of a running server for the points, sent `chunk_rows` at a time."""
+    # Imported here: only the --url path needs the gRPC client.
+    from serving.client import InferenceClient
+
+    parts: dict[str, list[np.ndarray]] = {name: [] for name in OUTPUT_NAMES}
+    with InferenceClient(url, model=model, version=version) as client:
+        for start in range(0, len(points), chunk_rows):
+            result = client.infer(points[start : start + chunk_rows], outputs=list(OUTPUT_NAMES))
+            for name in OUTPUT_NAMES:
+                parts[name].append(np.asarray(result[name]).reshape(-1, 1))
+    return {name: np.concatenate(parts[name]) for name in OUTPUT_NAMES}
+
+
+def bit_identical(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> bool:
+    return all(
+        a[name].dtype == b[name].dtype and a[name].shape == b[name].shape and a[name].tobytes() == b[name].tobytes()
+        for name in OUTPUT_NAMES
+    )
+
+
+def run_parity(
+    model_dir: str | Path,
+    device: str = "auto",
+    url: str | None = None,
+    served_model: str = "xor",
+    served_version: str = "",
+) -> dict:
+    """Every path's comparison with PyTorch, as a dict that the CLI prints and writes as JSON.
+
+    Raises ContractError when the folder or the model does not match the contract, and
+    serving.runtime.DeviceUnavailableError when `device` is "cuda" and CUDA cannot be had.
+    """
+    from serving.runtime import CUDA, DeviceUnavailableError, SessionSettings, open_session, primary_provider
+
+    model_dir = Path(model_dir)
+    onnx_path, state_dict_path = model_dir / "model.onnx", model_dir / "state_dict.pt"
+    for path in (onnx_path, state_dict_path):
+        if not path.is_file():
+            raise ContractError(f"{path} does not exist; a model folder holds model.onnx and state_dict.pt")
+    points = parity_points()
+    reference = torch_reference(state_dict_path, points)
+
+    settings = [("onnxruntime-cpu", SessionSettings(device="cpu"), True)]
+    if device in ("auto", "cuda"):
+        settings.append(("onnxruntime-cuda", SessionSettings(device="cuda"), True))
+        settings.append(("onnxruntime-cuda-tf32", SessionSettings(device="cuda", tf32=True), False))
+
+    paths, unavailable, sessions = [], [], {}
+    for name, setting, gating in settings:
+        try:
+            session = open_session(onnx_path, setting)
+        except DeviceUnavailableError as exc:
+            if device == "cuda":
+                raise
+            unavailable.append({"path": name, "reason": str(exc).splitlines()[0]})
+            continue
+        check_contract(session)
+        result = compare(reference, run_session(session, points))
+        provider = primary_provider(session)
+        paths.append({"path": name, "provider": provider, "tf32": setting.tf32, "gating": gating, **result})
+        if not setting.tf32:
+            sessions[provider] = session
+
+    if unavailable:
+        names = ",".join(u["path"] for u in unavailable)
+        log.info("event=parity_paths_skipped paths=%s reason=cuda_execution_provider_unavailable", names)
+    if url:
+        paths.append(_served_path(url, served_model, served_version, points, reference, sessions, CUDA))
+
+    return {
+        "reference": "PyTorch fp32 on CPU from state_dict.pt",
+        "points": describe_points(),
+        "tolerance": {
+            "max_abs_error": MAX_ABS_ERROR,
+            "labels_differing": 0,
+            "rel_error_where_abs_ref_above": REL_ERROR_FLOOR,
+        },
+        "versions": _versions(),
+        "paths": paths,
+        "unavailable": unavailable,
+        "passed": all(p["passed"] for p in paths if p["gating"]),
+    }
+
+
+def _served_path(url, model, version, points, reference, sessions, cuda_provider) -> dict:
+    """Compare the server with PyTorch, and require bit-identity with an in-process session on some provider.
+
+    The server may run on CPU or CUDA; its outputs must equal, bit for bit, those of the in-process session
+    on one of the providers tried here (CPU always), sent in the same chunks.
+    """
+    served = run_served(url, model, version, points, SERVED_CHUNK_ROWS)
+    result = compare(reference, served)
+    identical_to = None
+    # CUDA first: a server on a GPU machine runs there, and CPU results would not match it bit for bit anyway.
+    for provider in sorted(sessions, key=lambda p: p != cuda_provider):
+        if bit_identical(served, run_session(sessions[provider], points, SERVED_CHUNK_ROWS)):
+            identical_to = provider
+            break
+    result["bit_identical_to"] = identical_to
+    result["passed"] = bool(result["passed"] and identical_to is not None)
+    return {"path": "served", "url": url, "model": model, "version": version, "gating": True, **result}
+
+
+def _versions() -> dict:
+    import onnxruntime
+    import torch
+
+    return {"torch": torch.__version__, "onnxruntime": onnxruntime.__version__}
+
+
+def format_table(result: dict) -> str:
+    """The result as the table the CLI prints."""
+    points = result["points"]
+    lines = [
+        f"points: {points['total']:,} (grid {points['grid']}, {points['random']}, {points['corners']} corners)",
+        f"reference: {result['reference']}",
+        "",
+        f"{'path':<22} {'output':<12} {'max abs err':>12} {'max rel err':>12} {'labels agree':>13}  result",
+    ]
+    for path in result["paths"]:
+        for name, out in path["outputs"].items():
+            verdict = "pass" if out["passed"] else "FAIL"
+            if not path["gating"]:
+                verdict = "info" if out["passed"] else "info (over tolerance)"
+            lines.append(
+                f"{path['path']:<22} {name:<12} {out['max_abs_error']:>12.3e} {out['max_rel_error']:>12.3e} "
+                f"{100 * out['label_agreement']:>12.4f}%  {verdict}"
+            )
+        if path["path"] == "served":
+            lines.append(f"{'':<22} bit-identical to in-process session on: {path['bit_identical_to'] or 'NONE'}")
+    if result["unavailable"]:
+        skipped = ", ".join(s["path"] for s in result["unavailable"])
+        lines.append(f"not run (CUDA execution provider unavailable; the JSON has the details): {skipped}")
+    verdict = "PASS" if result["passed"] else "FAIL"
+    lines.append("")
+    lines.append(f"{verdict}: tolerance max abs error <= {MAX_ABS_ERROR:g} and every label equal")
+    return "\n".join(lines)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "model_dir", type=Path, help="model folder holding model.onnx and state_dict.pt, e.g. models/xor/1"
+    )
+    parser.add_argument(
+        "--json", type=Path, default=env_default("json", None), help="also write the result here (env XORSERVE_JSON)"
+    )
+    parser.add_argument(
+        "--device",
+        choices=("auto", "cpu", "cuda"),
+        default=env_default("device", "auto"),
+        help="ONNX Runtime paths: cpu = CPU only; auto = CPU, and CUDA when it loads; cuda = CPU and CUDA, "
+        "failing without CUDA (env XORSERVE_DEVICE)",
+    )
+    parser.add_argument(
+        "--url",
+        default=env_default("url", None),
+        help="HOST:PORT of a running server: add the served path, which must equal in-process ONNX Runtime "
+        "bit for bit (env XORSERVE_URL)",
+    )
+    parser.add_argument(
+        "--model",
+        default=env_default("model", None),
+        help="model name on the server (default: the folder's parent when MODEL_DIR is <repo>/<model>/<version>, "
+        "else xor) (env XORSERVE_MODEL)",
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    from serving.runtime import DeviceUnavailableError
+
+    # A folder <repository>/<model>/<version> asks the server for that model and version; any other, the latest xor.
+    folder = args.model_dir.resolve()
+    model, version = (folder.parent.name, folder.name) if folder.name.isdigit() else ("xor", "")
+    if args.model:
+        model, version = args.model, ""
+    failures: tuple[type[Exception], ...] = (ContractError, DeviceUnavailableError)
+    if args.url:
+        from serving.client import InferenceError
+
+        failures += (InferenceError,)
+    try:
+        result = run_parity(
+            args.model_dir, device=args.device, url=args.url, served_model=model, served_version=version
+        )
+    except failures as exc:
+        print(f"error: {exc}")
+        return 2
+    print(f"parity: {args.model_dir}")
+    print(format_table(result))
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({"model_dir": str(args.model_dir), **result}, indent=2) + "\n")
+        print(f"wrote {args.json}")
+    return 0 if result["passed"] else 1

@@ -1,0 +1,149 @@
+"""Training and evaluation as in the notes: train_model (five steps per batch) and eval_model (accuracy)."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn as nn
+import torch.utils.data as data
+from tqdm import tqdm
+
+from serving.runtime import DeviceUnavailableError
+from trainer.dataset import XORDataset
+from trainer.model import XorClassifier
+
+log = logging.getLogger(__name__)
+
+DEVICES = ("auto", "cpu", "cuda")
+# The test set is drawn with seed + TEST_SEED_OFFSET, so it never coincides with the training set
+# of another seed below 2**32.
+TEST_SEED_OFFSET = 2**32
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    """The notes' settings are the defaults: 2,500 points, std 0.1, batch 128, SGD lr 0.1, 100 epochs."""
+
+    seed: int = 0
+    epochs: int = 100
+    lr: float = 0.1
+    batch_size: int = 128
+    train_size: int = 2500
+    test_size: int = 500
+    std: float = 0.1
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class TrainResult:
+    model: XorClassifier
+    losses: list[float]  # mean training loss per epoch
+    test_accuracy: float  # fraction of the test set classified correctly
+    device: str
+    train_dataset: XORDataset
+    test_dataset: XORDataset
+
+
+def pick_device(name: str) -> torch.device:
+    """`auto`: CUDA when PyTorch sees a GPU, else CPU; `cuda` fails when there is none."""
+    if name not in DEVICES:
+        raise ValueError(f"device {name!r} is not one of {', '.join(DEVICES)}")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise DeviceUnavailableError("--device cuda: PyTorch sees no CUDA device")
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(name)
+
+
+def train_model(model, optimizer, data_loader, loss_module, num_epochs=100, device="cpu", progress=True):
+    """The notes' training loop; returns the mean loss of each epoch."""
+    # Set model to train mode
+    model.train()
+    losses = []
+    epochs = tqdm(range(num_epochs), desc="train", unit="epoch", disable=not progress)
+    for _epoch in epochs:
+        epoch_loss = 0.0
+        for data_inputs, data_labels in data_loader:
+            ## Step 1: move the batch to the device the model is on
+            data_inputs = data_inputs.to(device)
+            data_labels = data_labels.to(device)
+
+            ## Step 2: run the model on the batch
+            preds = model(data_inputs)
+            preds = preds.squeeze(dim=1)  # [batch, 1] -> [batch]
+
+            ## Step 3: compute the loss
+            loss = loss_module(preds, data_labels.float())
+
+            ## Step 4: backpropagation
+            # Gradients accumulate, so set them to zero before computing new ones
+            optimizer.zero_grad()
+            loss.backward()
+
+            ## Step 5: update the parameters
+            optimizer.step()
+
+            epoch_loss += loss.item() * data_labels.shape[0]
+        losses.append(epoch_loss / len(data_loader.dataset))
+        epochs.set_postfix(loss=f"{losses[-1]:.4f}")
+    return losses
+
+
+def eval_model(model, data_loader, device="cpu"):
+    """Accuracy (a fraction) of the model on the data: a point is class 1 when sigmoid(logit) >= 0.5."""
+    model.eval()  # Set model to eval mode
+    true_preds, num_preds = 0, 0
+    with torch.no_grad():  # No gradients needed to evaluate
+        for data_inputs, data_labels in data_loader:
+            data_inputs, data_labels = data_inputs.to(device), data_labels.to(device)
+            preds = model(data_inputs)
+            preds = preds.squeeze(dim=1)
+            preds = torch.sigmoid(preds)
+            pred_labels = (preds >= 0.5).long()  # Binarise the predictions
+            true_preds += (pred_labels == data_labels).sum().item()
+            num_preds += data_labels.shape[0]
+    return true_preds / num_preds
+
+
+def train(settings: TrainSettings, device: str = "auto", progress: bool = True) -> TrainResult:
+    """Data sets, model, loss and optimiser as in the notes, trained and evaluated; deterministic for a seed."""
+    torch_device = pick_device(device)
+    train_dataset = XORDataset(size=settings.train_size, std=settings.std, seed=settings.seed)
+    test_dataset = XORDataset(size=settings.test_size, std=settings.std, seed=settings.seed + TEST_SEED_OFFSET)
+    # The shuffling order comes from its own generator, seeded like the rest.
+    shuffle_generator = torch.Generator().manual_seed(settings.seed)
+    train_data_loader = data.DataLoader(
+        train_dataset, batch_size=settings.batch_size, shuffle=True, generator=shuffle_generator
+    )
+    test_data_loader = data.DataLoader(test_dataset, batch_size=settings.batch_size, shuffle=False)
+
+    # The initial weights come from the global generator; fork it so the seed does not leak out.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(settings.seed)
+        model = XorClassifier(num_inputs=2, num_hidden=4, num_outputs=1)
+    model.to(torch_device)
+
+    loss_module = nn.BCEWithLogitsLoss()
+    optimizer = torch.optim.SGD(model.parameters(), lr=settings.lr)
+    log.info(
+        "event=train_start device=%s %s", torch_device, " ".join(f"{k}={v}" for k, v in settings.as_dict().items())
+    )
+    losses = train_model(
+        model, optimizer, train_data_loader, loss_module, settings.epochs, device=torch_device, progress=progress
+    )
+    test_accuracy = eval_model(model, test_data_loader, device=torch_device)
+    log.info(
+        "event=train_done final_loss=%.6f test_accuracy=%.4f", losses[-1] if losses else float("nan"), test_accuracy
+    )
+    return TrainResult(
+        model=model.cpu().eval(),
+        losses=losses,
+        test_accuracy=test_accuracy,
+        device=torch_device.type,
+        train_dataset=train_dataset,
+        test_dataset=test_dataset,
+    )
