@@ -51,13 +51,12 @@ def _top_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    top = _top_parser().parse_args(argv[:1])
-    module_name, summary = COMMANDS[top.command]
+def command_parser(command: str) -> tuple[argparse.ArgumentParser, object]:
+    """The argument parser of one subcommand and its module (imported here, and only here)."""
+    module_name, summary = COMMANDS[command]
     module = importlib.import_module(module_name)
     parser = argparse.ArgumentParser(
-        prog=f"xorserve {top.command}",
+        prog=f"xorserve {command}",
         description=(module.__doc__ or summary).strip(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -65,6 +64,13 @@ def main(argv: list[str] | None = None) -> int:
         "--log-level", default=env_default("log_level", "INFO"), help="logging level (env XORSERVE_LOG_LEVEL)"
     )
     module.add_arguments(parser)
+    return parser, module
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    top = _top_parser().parse_args(argv[:1])
+    parser, module = command_parser(top.command)
     args = parser.parse_args(argv[1:])
     logging.basicConfig(
         level=args.log_level.upper(),

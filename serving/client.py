@@ -1,0 +1,226 @@
+"""A Python client for the Open Inference Protocol gRPC API: numpy in, numpy out, sync and asyncio.
+
+    with InferenceClient("127.0.0.1:8001") as client:
+        prediction = client.predict(np.array([[0, 0], [0, 1]], np.float32))
+
+Tensors travel as raw little-endian bytes (`raw_input_contents` / `raw_output_contents`), as
+tritonclient sends them. Calls that fail with UNAVAILABLE (server starting, draining or queue full)
+are retried with exponential backoff; every other error is raised at once as `InferenceError`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass
+
+import grpc
+import numpy as np
+
+from serving._proto import grpc_service_pb2 as pb
+from serving._proto import grpc_service_pb2_grpc as pb_grpc
+
+MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+_BACKOFF_S = 0.05
+
+# Open Inference Protocol datatype names <-> numpy dtypes (little-endian).
+DTYPES: dict[str, np.dtype] = {
+    "BOOL": np.dtype(np.bool_),
+    "UINT8": np.dtype("<u1"),
+    "UINT16": np.dtype("<u2"),
+    "UINT32": np.dtype("<u4"),
+    "UINT64": np.dtype("<u8"),
+    "INT8": np.dtype("<i1"),
+    "INT16": np.dtype("<i2"),
+    "INT32": np.dtype("<i4"),
+    "INT64": np.dtype("<i8"),
+    "FP16": np.dtype("<f2"),
+    "FP32": np.dtype("<f4"),
+    "FP64": np.dtype("<f8"),
+}
+
+
+class InferenceError(Exception):
+    """A call the server refused or could not answer; `code` is the gRPC status."""
+
+    def __init__(self, code: grpc.StatusCode, message: str):
+        super().__init__(f"{code.name}: {message}")
+        self.code = code
+        self.message = message
+
+
+@dataclass(frozen=True)
+class Prediction:
+    probability: np.ndarray  # float32 [N]
+    label: np.ndarray  # int64 [N], probability >= 0.5
+
+    @classmethod
+    def from_outputs(cls, outputs: dict[str, np.ndarray]) -> Prediction:
+        probability = outputs["probability"].reshape(-1)
+        return cls(probability=probability, label=(probability >= 0.5).astype(np.int64))
+
+
+@dataclass(frozen=True)
+class _Signature:
+    input_name: str
+    datatype: str
+    outputs: tuple[str, ...]
+
+
+def _channel_options() -> list[tuple[str, int]]:
+    return [
+        ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+        ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ]
+
+
+def _signature(metadata: pb.ModelMetadataResponse) -> _Signature:
+    if len(metadata.inputs) != 1:
+        raise InferenceError(
+            grpc.StatusCode.FAILED_PRECONDITION,
+            f"model '{metadata.name}' has {len(metadata.inputs)} inputs; this client sends exactly one",
+        )
+    tensor = metadata.inputs[0]
+    return _Signature(tensor.name, tensor.datatype, tuple(o.name for o in metadata.outputs))
+
+
+def _request(model: str, version: str, sig: _Signature, x: np.ndarray, outputs) -> pb.ModelInferRequest:
+    x = np.ascontiguousarray(x, dtype=DTYPES[sig.datatype])
+    request = pb.ModelInferRequest(model_name=model, model_version=version)
+    request.inputs.add(name=sig.input_name, datatype=sig.datatype, shape=list(x.shape))
+    for name in outputs or ():
+        request.outputs.add(name=name)
+    request.raw_input_contents.append(x.tobytes())
+    return request
+
+
+def _outputs(response: pb.ModelInferResponse) -> dict[str, np.ndarray]:
+    result = {}
+    for tensor, raw in zip(response.outputs, response.raw_output_contents, strict=True):
+        result[tensor.name] = np.frombuffer(raw, dtype=DTYPES[tensor.datatype]).reshape(tuple(tensor.shape))
+    return result
+
+
+def _parameter(value: pb.InferParameter):
+    kind = value.WhichOneof("parameter_choice")
+    return getattr(value, kind) if kind else None
+
+
+def _metadata_dict(metadata: pb.ModelMetadataResponse) -> dict:
+    def tensors(items):
+        return [{"name": t.name, "datatype": t.datatype, "shape": list(t.shape)} for t in items]
+
+    return {
+        "name": metadata.name,
+        "versions": list(metadata.versions),
+        "platform": metadata.platform,
+        "inputs": tensors(metadata.inputs),
+        "outputs": tensors(metadata.outputs),
+        "parameters": {k: _parameter(v) for k, v in metadata.parameters.items()},
+    }
+
+
+class InferenceClient:
+    """Blocking client for one model on one server."""
+
+    def __init__(self, url: str, model: str = "xor", version: str = "", timeout_s: float = 10.0, retries: int = 3):
+        self.url, self.model, self.version = url, model, version
+        self.timeout_s, self.retries = timeout_s, retries
+        self._channel = grpc.insecure_channel(url, options=_channel_options())
+        self._stub = pb_grpc.GRPCInferenceServiceStub(self._channel)
+        self._sig: _Signature | None = None
+
+    def __enter__(self) -> InferenceClient:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def _call(self, method, request):
+        for attempt in range(self.retries + 1):
+            try:
+                return method(request, timeout=self.timeout_s)
+            except grpc.RpcError as exc:
+                if exc.code() != grpc.StatusCode.UNAVAILABLE or attempt == self.retries:
+                    raise InferenceError(exc.code(), exc.details() or "") from None
+            time.sleep(_BACKOFF_S * 2**attempt)
+        raise AssertionError("unreachable")
+
+    def _metadata(self) -> pb.ModelMetadataResponse:
+        request = pb.ModelMetadataRequest(name=self.model, version=self.version)
+        return self._call(self._stub.ModelMetadata, request)
+
+    def metadata(self) -> dict:
+        return _metadata_dict(self._metadata())
+
+    def ready(self) -> bool:
+        request = pb.ModelReadyRequest(name=self.model, version=self.version)
+        try:
+            return self._call(self._stub.ModelReady, request).ready
+        except InferenceError:
+            return False
+
+    def infer(self, x: np.ndarray, outputs: list[str] | None = None) -> dict[str, np.ndarray]:
+        if self._sig is None:
+            self._sig = _signature(self._metadata())
+        request = _request(self.model, self.version, self._sig, x, outputs)
+        return _outputs(self._call(self._stub.ModelInfer, request))
+
+    def predict(self, x: np.ndarray) -> Prediction:
+        return Prediction.from_outputs(self.infer(x, ["probability"]))
+
+
+class AsyncInferenceClient:
+    """The same client on grpc.aio, for many requests in flight from one thread."""
+
+    def __init__(self, url: str, model: str = "xor", version: str = "", timeout_s: float = 10.0, retries: int = 3):
+        self.url, self.model, self.version = url, model, version
+        self.timeout_s, self.retries = timeout_s, retries
+        self._channel = grpc.aio.insecure_channel(url, options=_channel_options())
+        self._stub = pb_grpc.GRPCInferenceServiceStub(self._channel)
+        self._sig: _Signature | None = None
+
+    async def __aenter__(self) -> AsyncInferenceClient:
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+    async def _call(self, method, request):
+        for attempt in range(self.retries + 1):
+            try:
+                return await method(request, timeout=self.timeout_s)
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() != grpc.StatusCode.UNAVAILABLE or attempt == self.retries:
+                    raise InferenceError(exc.code(), exc.details() or "") from None
+            await asyncio.sleep(_BACKOFF_S * 2**attempt)
+        raise AssertionError("unreachable")
+
+    async def _metadata(self) -> pb.ModelMetadataResponse:
+        request = pb.ModelMetadataRequest(name=self.model, version=self.version)
+        return await self._call(self._stub.ModelMetadata, request)
+
+    async def metadata(self) -> dict:
+        return _metadata_dict(await self._metadata())
+
+    async def ready(self) -> bool:
+        request = pb.ModelReadyRequest(name=self.model, version=self.version)
+        try:
+            return (await self._call(self._stub.ModelReady, request)).ready
+        except InferenceError:
+            return False
+
+    async def infer(self, x: np.ndarray, outputs: list[str] | None = None) -> dict[str, np.ndarray]:
+        if self._sig is None:
+            self._sig = _signature(await self._metadata())
+        request = _request(self.model, self.version, self._sig, x, outputs)
+        return _outputs(await self._call(self._stub.ModelInfer, request))
+
+    async def predict(self, x: np.ndarray) -> Prediction:
+        return Prediction.from_outputs(await self.infer(x, ["probability"]))

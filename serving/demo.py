@@ -1,0 +1,111 @@
+"""The whole pipeline, end to end, each step a real `xorserve` command:
+
+1. train a fresh model (train -> export -> parity) and compare it with the shipped models/xor/1
+2. serve the shipped model repository on free ports
+3. predict the four corners of the XOR square over gRPC
+4. parity through the server (bit-identical to in-process ONNX Runtime)
+5. score a generated sample CSV through the server
+6. a 10-second, 8-user Locust load test
+7. stop the server (SIGTERM: drain, exit 0)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from serving.cli import env_default
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--out", default=env_default("out", "out/demo"), help="where the demo writes (XORSERVE_OUT)")
+    parser.add_argument(
+        "--model-repository",
+        default=env_default("model_repository", "models"),
+        help="the shipped model repository to serve (XORSERVE_MODEL_REPOSITORY)",
+    )
+    parser.add_argument("--sample-rows", type=int, default=100_000, help="rows in the generated sample CSV")
+    parser.add_argument("--loadtest-duration", default="10s", help="Locust run time")
+    parser.add_argument("--loadtest-users", type=int, default=8, help="Locust users")
+
+
+def _step(number: int, title: str) -> None:
+    print(f"\n=== {number}. {title}", flush=True)
+
+
+def _xorserve(*args: str, ok: tuple[int, ...] = (0,)) -> None:
+    print("$ xorserve " + " ".join(args), flush=True)
+    code = subprocess.call([sys.executable, "-m", "serving.cli", *args])
+    if code not in ok:
+        raise SystemExit(f"xorserve demo: `xorserve {args[0]}` exited {code}")
+
+
+def write_sample_csv(path: Path, rows: int, seed: int = 7) -> None:
+    """Noisy XOR points, the notes' distribution, as x1,x2 columns."""
+    rng = np.random.default_rng(seed)
+    corners = rng.integers(0, 2, size=(rows, 2)).astype(np.float32)
+    points = corners + rng.normal(0.0, 0.1, size=(rows, 2)).astype(np.float32)
+    np.savetxt(path, points, delimiter=",", header="x1,x2", comments="", fmt="%.6f")
+
+
+def run(args: argparse.Namespace) -> int:
+    from serving.launch import ServerProcess
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    repository = Path(args.model_repository)
+    shipped = repository / "xor" / "1"
+
+    _step(1, "train -> export -> parity (a fresh model, default seed)")
+    fresh = out / "models" / "xor" / "1"
+    _xorserve("train", "--out", str(fresh))
+    report = json.loads((fresh / "report.json").read_text())
+    print(f"test accuracy: {100 * report['test_accuracy']:.2f}%")
+    print(f"artifacts: {fresh}/ (model.onnx, state_dict.pt, report.json, plots/)")
+    same = (fresh / "model.onnx").read_bytes() == (shipped / "model.onnx").read_bytes()
+    print(f"fresh model.onnx is {'byte-identical to' if same else 'DIFFERENT from'} the shipped {shipped}/model.onnx")
+
+    _step(2, f"serve {repository}/ on free ports")
+    with ServerProcess.start(repository) as server:
+        print(
+            f"server ready on {server.url} (metrics on http://{server.metrics_url}/metrics) in {server.startup_s:.2f} s"
+        )
+
+        _step(3, "predict the four corners over gRPC")
+        _xorserve("predict", "--url", server.url, "0,0", "0,1", "1,0", "1,1")
+
+        _step(4, "parity through the server")
+        _xorserve("parity", str(shipped), "--url", server.url, "--json", str(out / "parity.json"))
+
+        _step(5, f"score a generated {args.sample_rows:,}-row CSV through the server")
+        sample = out / "sample.csv"
+        write_sample_csv(sample, args.sample_rows)
+        _xorserve("score", str(sample), str(out / "scored.csv"), "--url", server.url, "--quiet")
+
+        _step(6, f"load test: {args.loadtest_users} users for {args.loadtest_duration}")
+        _xorserve(
+            "loadtest",
+            "--url",
+            server.url,
+            "--users",
+            str(args.loadtest_users),
+            "--spawn-rate",
+            str(args.loadtest_users),
+            "--duration",
+            args.loadtest_duration,
+            "--out",
+            str(out / "loadtest"),
+        )
+
+        _step(7, "stop the server (SIGTERM)")
+        code = server.stop()
+        print(f"server exited {code}")
+        if code != 0:
+            return 1
+    print(f"\ndemo done: everything is under {out}/")
+    return 0
