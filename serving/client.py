@@ -101,11 +101,6 @@ def _outputs(response: pb.ModelInferResponse) -> dict[str, np.ndarray]:
     return result
 
 
-def _parameter(value: pb.InferParameter):
-    kind = value.WhichOneof("parameter_choice")
-    return getattr(value, kind) if kind else None
-
-
 def _metadata_dict(metadata: pb.ModelMetadataResponse) -> dict:
     def tensors(items):
         return [{"name": t.name, "datatype": t.datatype, "shape": list(t.shape)} for t in items]
@@ -116,7 +111,7 @@ def _metadata_dict(metadata: pb.ModelMetadataResponse) -> dict:
         "platform": metadata.platform,
         "inputs": tensors(metadata.inputs),
         "outputs": tensors(metadata.outputs),
-        "parameters": {k: _parameter(v) for k, v in metadata.parameters.items()},
+        "properties": dict(metadata.properties),
     }
 
 

@@ -1,0 +1,184 @@
+"""Streaming readers for CSV and Parquet: chunks of at most `chunk_rows` rows, each row numbered as in the input.
+
+Row numbers are 1-based data rows: the CSV header is not counted, so row N is the N-th record after
+the header (the N-th line after it unless a quoted value spans lines); in Parquet, row N is the N-th
+row of the file. CSV is read with every column as text, so the values pass through byte for byte
+and one odd value cannot fail a whole column; blank lines are rows too (with missing features).
+A CSV record with the wrong number of fields is not dropped silently: Arrow's `invalid_row_handler`
+reports it and it comes out in `Chunk.malformed`, with its number, in the chunk that covers it.
+"""
+
+from __future__ import annotations
+
+import collections
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.csv as pa_csv
+import pyarrow.parquet as pq
+
+from serving.scoring.validate import WRONG_COLUMN_COUNT, Reject
+
+FORMATS = ("csv", "parquet")
+COMPRESSIONS = {".gz": "gzip", ".bz2": "bz2", ".zst": "zstd", ".lz4": "lz4", ".br": "brotli"}
+_SUFFIXES = {".csv": "csv", ".parquet": "parquet", ".pq": "parquet"}
+_SHOWN = 60  # characters of a malformed record quoted in its reason
+
+
+@dataclass
+class Chunk:
+    table: pa.Table  # the rows that split into the header's columns
+    rows: np.ndarray  # int64 [table.num_rows]: each row's number in the input
+    malformed: list[Reject] = field(default_factory=list)  # records that did not, up to this chunk's end
+
+    @property
+    def rows_read(self) -> int:
+        return self.table.num_rows + len(self.malformed)
+
+
+def detect_format(path: str | Path, override: str | None = None) -> str:
+    """`override` if given, else the format the file name says (`x.csv`, `x.csv.gz`, `x.parquet`, `x.pq`)."""
+    if override:
+        if override not in FORMATS:
+            raise ValueError(f"format {override!r} is not one of {', '.join(FORMATS)}")
+        return override
+    suffixes = [s.lower() for s in Path(path).suffixes]
+    if suffixes and suffixes[-1] in COMPRESSIONS:
+        suffixes.pop()
+    if suffixes and suffixes[-1] in _SUFFIXES:
+        return _SUFFIXES[suffixes[-1]]
+    raise ValueError(f"cannot tell the format of {path} from its name; name it .csv or .parquet, or pass the format")
+
+
+class CsvSource:
+    """A CSV file with a header line, streamed in blocks; every column read as text."""
+
+    def __init__(self, path: str | Path, chunk_rows: int):
+        self.path = str(path)
+        self.chunk_rows = chunk_rows
+        self.total_rows: int | None = None
+        self.schema = pa.schema([(name, pa.string()) for name in self._header()])
+        self._pending: collections.deque[Reject] = collections.deque()  # malformed, not yet handed out
+
+    def _header(self) -> list[str]:
+        # The column names come from a first look at the file, so that every column can be typed as text.
+        reader = pa_csv.open_csv(
+            self.path,
+            read_options=pa_csv.ReadOptions(use_threads=False),
+            parse_options=pa_csv.ParseOptions(invalid_row_handler=lambda row: "skip"),
+        )
+        names = reader.schema.names
+        reader.close()
+        duplicates = sorted({name for name in names if names.count(name) > 1})
+        if duplicates:
+            raise ValueError(f"{self.path}: duplicate column names in the header: {', '.join(duplicates)}")
+        return names
+
+    def _on_invalid(self, row) -> str:
+        if row.number is None:  # known when parsing serially, as `_batches` does; never guess a number
+            return "error"
+        text = row.text if len(row.text) <= _SHOWN else row.text[:_SHOWN] + "..."
+        detail = f"{row.actual_columns} fields, expected {row.expected_columns}: {text!r}"
+        self._pending.append(Reject(row.number - 1, WRONG_COLUMN_COUNT, detail))  # number 1 is the header
+        return "skip"
+
+    def _batches(self) -> Iterator[tuple[pa.RecordBatch, np.ndarray]]:
+        """Each batch with its rows' numbers: the next numbers not taken by malformed records."""
+        reader = pa_csv.open_csv(
+            self.path,
+            # Serial parsing: the invalid-row handler then knows each record's number.
+            read_options=pa_csv.ReadOptions(use_threads=False, block_size=_block_size(self.chunk_rows)),
+            parse_options=pa_csv.ParseOptions(invalid_row_handler=self._on_invalid, ignore_empty_lines=False),
+            convert_options=pa_csv.ConvertOptions(
+                column_types=dict(zip(self.schema.names, self.schema.types, strict=True)),
+                strings_can_be_null=False,
+                quoted_strings_can_be_null=False,
+            ),
+        )
+        cursor = 1
+        try:
+            for batch in reader:
+                n = batch.num_rows
+                if n == 0:
+                    continue
+                taken = np.array([r.row for r in self._pending if r.row >= cursor], np.int64)
+                rows = np.arange(cursor, cursor + n + len(taken), dtype=np.int64)
+                if len(taken):
+                    rows = np.setdiff1d(rows, taken, assume_unique=True)
+                rows = rows[:n]
+                cursor = int(rows[-1]) + 1
+                yield batch, rows
+        finally:
+            reader.close()
+
+    def _chunk(self, table: pa.Table, rows: np.ndarray) -> Chunk:
+        last = int(rows[-1]) if len(rows) else np.iinfo(np.int64).max
+        malformed = []
+        while self._pending and self._pending[0].row <= last:
+            malformed.append(self._pending.popleft())
+        return Chunk(table, rows, malformed)
+
+    def chunks(self) -> Iterator[Chunk]:
+        batches: list[pa.RecordBatch] = []
+        numbers: list[np.ndarray] = []
+        held = 0
+        for batch, rows in self._batches():
+            batches.append(batch)
+            numbers.append(rows)
+            held += batch.num_rows
+            if held < self.chunk_rows:
+                continue
+            # Cut as many chunks of exactly chunk_rows rows as there are; the rest starts the next one.
+            table = pa.Table.from_batches(batches, schema=self.schema)
+            rows_all = np.concatenate(numbers)
+            start = 0
+            while held - start >= self.chunk_rows:
+                end = start + self.chunk_rows
+                yield self._chunk(table.slice(start, self.chunk_rows), rows_all[start:end])
+                start = end
+            batches, numbers, held = table.slice(start).to_batches(), [rows_all[start:]], held - start
+        if held or self._pending:
+            # The rest, and the malformed records after the last good row.
+            table = pa.Table.from_batches(batches, schema=self.schema)
+            yield self._chunk(table, np.concatenate(numbers) if numbers else np.empty(0, np.int64))
+
+    def close(self) -> None:
+        pass
+
+
+def _block_size(chunk_rows: int) -> int:
+    # About one chunk of ~32-byte records per block, within Arrow's sensible range.
+    return int(min(max(chunk_rows * 32, 1 << 20), 64 << 20))
+
+
+class ParquetSource:
+    """A Parquet file, streamed in batches; memory is about one row group's compressed bytes plus a chunk."""
+
+    def __init__(self, path: str | Path, chunk_rows: int):
+        self.path = str(path)
+        self.chunk_rows = chunk_rows
+        self._file = pq.ParquetFile(self.path)
+        self.total_rows: int | None = self._file.metadata.num_rows
+        # Pandas metadata describes the input's index, which no longer holds once rows are rejected.
+        self.schema = self._file.schema_arrow.remove_metadata()
+
+    def chunks(self) -> Iterator[Chunk]:
+        cursor = 1
+        # Arrow's own threads cost more CPU than they save on a few columns; the pipeline overlaps the work.
+        for batch in self._file.iter_batches(batch_size=self.chunk_rows, use_threads=False):
+            n = batch.num_rows
+            if n == 0:
+                continue
+            table = pa.Table.from_batches([batch.replace_schema_metadata(None)])
+            yield Chunk(table, np.arange(cursor, cursor + n, dtype=np.int64))
+            cursor += n
+
+    def close(self) -> None:
+        self._file.close()
+
+
+def open_source(path: str | Path, fmt: str, chunk_rows: int) -> CsvSource | ParquetSource:
+    return CsvSource(path, chunk_rows) if fmt == "csv" else ParquetSource(path, chunk_rows)
