@@ -1,0 +1,286 @@
+"""Run a headless Locust load test against an Open Inference Protocol server and judge it.
+
+Runs loadtest/locustfile.py under Locust (one process, or a master and N local workers) for a fixed
+time, then writes into --out: Locust's CSV tables (locust_stats.csv, locust_failures.csv, ...), its
+HTML report (report.html), its log (locust.log) and summary.json (requests, failures, rps and exact
+p50/p95/p99 per task and in total, computed from the locustfile's 0.01-ms histograms, not from
+Locust's whole-millisecond buckets). Prints the summary as a table and exits 0 when every objective
+holds, 1 when one is missed (p99 above --max-p99-ms, failure ratio above --max-fail-ratio, or no
+request completed at all), 2 when the run itself could not be made.
+
+    xorserve loadtest --url 127.0.0.1:8001 --users 32 --spawn-rate 32 --duration 30s --out out/loadtest
+    xorserve loadtest --start-server --users 8 --duration 10s --max-p99-ms 20
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import re
+import shlex
+import socket
+import subprocess
+import sys
+import threading
+from pathlib import Path
+from typing import TextIO
+
+from loadtest.timings import ResponseTimes, summarize
+from serving.cli import env_default
+
+log = logging.getLogger("xorserve.loadtest")
+
+LOCUSTFILE = Path(__file__).with_name("locustfile.py")
+CSV_PREFIX = "locust"
+# Locust start-up, workers connecting, and the final reports, beyond --duration.
+OVERHEAD_S = 60.0
+WORKER_CONNECT_S = 30
+_DURATION = re.compile(r"^(?:(?P<h>\d+)h)?(?:(?P<m>\d+)m)?(?:(?P<s>\d+)s?)?$")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--url", default=env_default("url", "127.0.0.1:8001"), help="server HOST:PORT (XORSERVE_URL)")
+    parser.add_argument("--model", default=env_default("model", "xor"), help="model to call (XORSERVE_MODEL)")
+    parser.add_argument(
+        "--users", type=int, default=env_default("users", 32), help="concurrent Locust users (XORSERVE_USERS)"
+    )
+    parser.add_argument(
+        "--spawn-rate",
+        type=float,
+        default=env_default("spawn_rate", None),
+        help="users started per second; default: --users, all within a second (XORSERVE_SPAWN_RATE)",
+    )
+    parser.add_argument(
+        "--duration",
+        type=duration_s,
+        default=env_default("duration", "30s"),
+        help="run time, e.g. 30s, 2m, 1h30m (XORSERVE_DURATION)",
+    )
+    parser.add_argument(
+        "--out", type=Path, default=env_default("out", "out/loadtest"), help="result folder (XORSERVE_OUT)"
+    )
+    parser.add_argument(
+        "--max-p99-ms",
+        type=float,
+        default=env_default("max_p99_ms", None),
+        help="objective: total p99 latency at most this (XORSERVE_MAX_P99_MS)",
+    )
+    parser.add_argument(
+        "--max-fail-ratio",
+        type=float,
+        default=env_default("max_fail_ratio", 0.0),
+        help="objective: failed / all requests at most this (XORSERVE_MAX_FAIL_RATIO)",
+    )
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=env_default("workers", 0),
+        help="0: one Locust process; N: a local master and N worker processes (XORSERVE_WORKERS)",
+    )
+    parser.add_argument(
+        "--start-server",
+        action="store_true",
+        default=env_default("start_server", False),
+        help="start `xorserve serve` on free ports for the run, ignoring --url (XORSERVE_START_SERVER)",
+    )
+    parser.add_argument(
+        "--model-repository",
+        default=env_default("model_repository", "models"),
+        help="what --start-server serves (XORSERVE_MODEL_REPOSITORY)",
+    )
+    parser.add_argument(
+        "--small-rows",
+        type=int,
+        default=env_default("small_rows", 1),
+        help="rows of the small infer task (XORSERVE_SMALL_ROWS)",
+    )
+    parser.add_argument(
+        "--large-rows",
+        type=int,
+        default=env_default("large_rows", 64),
+        help="rows of the large infer task (XORSERVE_LARGE_ROWS)",
+    )
+    parser.add_argument(
+        "--deadline-ms",
+        type=float,
+        default=env_default("deadline_ms", 1000.0),
+        help="gRPC deadline of each call (XORSERVE_DEADLINE_MS)",
+    )
+
+
+def duration_s(text: str) -> int:
+    """Seconds in a Locust-style duration: 30, 30s, 2m, 1h30m."""
+    match = _DURATION.match(text.strip())
+    if not text.strip() or match is None:
+        raise argparse.ArgumentTypeError(f"invalid duration {text!r}; expected e.g. 30s, 2m, 1h30m")
+    return sum(int(match.group(unit) or 0) * scale for unit, scale in (("h", 3600), ("m", 60), ("s", 1)))
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.users < 1 or args.duration < 1 or args.workers < 0:
+        log.error("event=bad_arguments users=%d duration_s=%d workers=%d", args.users, args.duration, args.workers)
+        return 2
+    args.out.mkdir(parents=True, exist_ok=True)
+    # A previous run's results in the same folder must never pass for this run's.
+    for stale in (_times_path(args), args.out / "summary.json"):
+        stale.unlink(missing_ok=True)
+    if not args.start_server:
+        return _run_and_judge(args, args.url)
+
+    from serving.launch import ServerProcess, ServerStartError
+
+    try:
+        server = ServerProcess.start(args.model_repository)
+    except ServerStartError as error:
+        log.error("event=server_start_failed error=%s", error)
+        return 2
+    log.info("event=server_started url=%s startup_s=%.2f", server.url, server.startup_s)
+    with server:
+        return _run_and_judge(args, server.url)
+
+
+def _run_and_judge(args: argparse.Namespace, url: str) -> int:
+    if not run_locust(args, url):
+        return 2
+    times_path = _times_path(args)
+    if not times_path.exists():
+        log.error("event=no_results missing=%s log=%s", times_path, args.out / "locust.log")
+        return 2
+    recorded = json.loads(times_path.read_text())
+    summary = summarize(ResponseTimes.from_dict(recorded["names"]), recorded["elapsed_s"])
+    violations = objectives_missed(summary["total"], args.max_p99_ms, args.max_fail_ratio)
+    summary.update(
+        url=url,
+        model=args.model,
+        users=args.users,
+        spawn_rate=_spawn_rate(args),
+        duration_s=args.duration,
+        workers=args.workers,
+        elapsed_s=round(recorded["elapsed_s"], 3),
+        objectives={"max_p99_ms": args.max_p99_ms, "max_fail_ratio": args.max_fail_ratio},
+        violations=violations,
+        passed=not violations,
+    )
+    (args.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    print(format_table(summary))
+    for violation in violations:
+        print(f"objective missed: {violation}")
+    print(f"{'PASS' if not violations else 'FAIL'}: results in {args.out}/ (summary.json, report.html, locust_*.csv)")
+    return 0 if not violations else 1
+
+
+def objectives_missed(total: dict, max_p99_ms: float | None, max_fail_ratio: float) -> list[str]:
+    """What the run's total row says about the objectives: one sentence per objective missed."""
+    if total["requests"] == 0:
+        return ["no request completed"]
+    missed = []
+    if total["fail_ratio"] > max_fail_ratio:
+        missed.append(
+            f"failure ratio {total['fail_ratio']:.4f} ({total['failures']} of {total['requests']}) "
+            f"above {max_fail_ratio:g}"
+        )
+    if max_p99_ms is not None and total["p99_ms"] > max_p99_ms:
+        missed.append(f"p99 {total['p99_ms']:.2f} ms above {max_p99_ms:g} ms")
+    return missed
+
+
+def format_table(summary: dict) -> str:
+    header = f"{'name':<22} {'requests':>9} {'failures':>9} {'rps':>10} {'p50 ms':>9} {'p95 ms':>9} {'p99 ms':>9}"
+    rows = [*summary["tasks"].items(), ("total", summary["total"])]
+
+    def ms(value: float | None) -> str:
+        return "-" if value is None else f"{value:.2f}"
+
+    lines = [header, "-" * len(header)]
+    for name, row in rows:
+        if name == "total":
+            lines.append("-" * len(header))
+        lines.append(
+            f"{name:<22} {row['requests']:>9} {row['failures']:>9} {row['rps']:>10.1f} "
+            f"{ms(row['p50_ms']):>9} {ms(row['p95_ms']):>9} {ms(row['p99_ms']):>9}"
+        )
+    return "\n".join(lines)
+
+
+def _times_path(args: argparse.Namespace) -> Path:
+    """Where the locustfile writes its exact histograms: beside Locust's CSV files."""
+    return args.out / f"{CSV_PREFIX}_response_times.json"
+
+
+def _spawn_rate(args: argparse.Namespace) -> float:
+    return args.spawn_rate if args.spawn_rate is not None else float(args.users)
+
+
+def locust_commands(args: argparse.Namespace, url: str, master_port: int | None = None) -> list[list[str]]:
+    """The Locust command lines: [single process] or [master, worker, worker, ...]."""
+    common = [sys.executable, "-m", "locust", "-f", str(LOCUSTFILE), "--host", url, "--model", args.model]
+    common += ["--small-rows", str(args.small_rows), "--large-rows", str(args.large_rows)]
+    common += ["--deadline-ms", str(args.deadline_ms), "--loglevel", "INFO"]
+    # Locust exits 1 on any failure; this runner decides the outcome against the objectives instead.
+    lead = [*common, "--headless", "--only-summary", "--exit-code-on-error", "0"]
+    lead += ["--users", str(args.users), "--spawn-rate", str(_spawn_rate(args)), "--run-time", f"{args.duration}s"]
+    lead += ["--csv", str(args.out / CSV_PREFIX), "--html", str(args.out / "report.html")]
+    if not args.workers:
+        return [lead]
+    master = [*lead, "--master", "--master-bind-host", "127.0.0.1", "--master-bind-port", str(master_port)]
+    master += ["--expect-workers", str(args.workers), "--expect-workers-max-wait", str(WORKER_CONNECT_S)]
+    worker = [*common, "--worker", "--master-host", "127.0.0.1", "--master-port", str(master_port)]
+    return [master] + [worker] * args.workers
+
+
+def run_locust(args: argparse.Namespace, url: str) -> bool:
+    """Run Locust to completion within a bounded time; False when it failed or had to be stopped."""
+    commands = locust_commands(args, url, _free_port() if args.workers else None)
+    log.info("event=locust_start workers=%d command=%s", args.workers, shlex.join(commands[0]))
+    lead_log = (args.out / "locust.log").open("w", encoding="utf-8")
+    worker_logs = [(args.out / f"locust-worker-{index}.log").open("w") for index in range(1, len(commands))]
+    try:
+        lead = subprocess.Popen(commands[0], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        workers = [
+            subprocess.Popen(command, stdout=file, stderr=subprocess.STDOUT)
+            for command, file in zip(commands[1:], worker_logs, strict=True)
+        ]
+        pump = threading.Thread(target=_tee, args=(lead.stdout, lead_log, sys.stderr), daemon=True)
+        pump.start()
+        finished = _wait(lead, args.duration + OVERHEAD_S)
+        for worker in workers:
+            # Workers leave when the master quits; they only linger if it died first.
+            finished = _wait(worker, WORKER_CONNECT_S) and finished
+        pump.join()
+    finally:
+        lead_log.close()
+        for file in worker_logs:
+            file.close()
+    log.info("event=locust_done exit_code=%s finished=%s", lead.returncode, finished)
+    # With --exit-code-on-error 0, any other exit code means Locust itself went wrong.
+    return finished and lead.returncode == 0
+
+
+def _wait(process: subprocess.Popen, timeout_s: float) -> bool:
+    """Wait for a Locust process; past the timeout, SIGTERM (Locust still writes its reports), then SIGKILL."""
+    try:
+        process.wait(timeout_s)
+        return True
+    except subprocess.TimeoutExpired:
+        log.error("event=locust_timeout pid=%d timeout_s=%.0f", process.pid, timeout_s)
+    process.terminate()
+    try:
+        process.wait(15)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+    return False
+
+
+def _tee(source: TextIO, *sinks: TextIO) -> None:
+    for line in source:
+        for sink in sinks:
+            sink.write(line)
+            sink.flush()
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
