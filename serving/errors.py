@@ -1,0 +1,82 @@
+"""Serving errors and the one table that maps them to gRPC status codes (DESIGN.md, "Protocol").
+
+Code below the RPC layer raises a `ServingError` subclass with a message a person can act on; the
+`rpc_errors` decorator on each handler turns it into the status code from `STATUS`. Anything else
+is a bug: it is logged with a request id and answered INTERNAL, and the server keeps serving.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import uuid
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
+import grpc
+
+log = logging.getLogger(__name__)
+
+
+class ServingError(Exception):
+    """An error the client caused or can act on; the message goes back to the client verbatim."""
+
+
+class ModelNotFoundError(ServingError):
+    """Unknown model or version."""
+
+
+class InvalidInputError(ServingError):
+    """Wrong input name or count, datatype, shape, byte length, empty batch, non-finite values."""
+
+
+class TooLargeError(ServingError):
+    """A message or tensor over the size limit."""
+
+
+class UnavailableError(ServingError):
+    """Queue full, server draining, or the model is not ready."""
+
+
+class DeadlineExceededError(ServingError):
+    """The request's deadline passed while it waited in the queue; it was not run."""
+
+
+# The single place where an error becomes a status code.
+STATUS: dict[type[ServingError], grpc.StatusCode] = {
+    ModelNotFoundError: grpc.StatusCode.NOT_FOUND,
+    InvalidInputError: grpc.StatusCode.INVALID_ARGUMENT,
+    TooLargeError: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    UnavailableError: grpc.StatusCode.UNAVAILABLE,
+    DeadlineExceededError: grpc.StatusCode.DEADLINE_EXCEEDED,
+}
+
+
+def status_of(exc: BaseException, rpc: str, request_id: str = "") -> tuple[grpc.StatusCode, str]:
+    """The status code and client message for an exception; unexpected ones are logged here."""
+    code = STATUS.get(type(exc))
+    if code is not None:
+        return code, str(exc)
+    request_id = request_id or uuid.uuid4().hex[:12]
+    log.error("event=internal_error rpc=%s request_id=%s error=%r", rpc, request_id, exc, exc_info=exc)
+    return grpc.StatusCode.INTERNAL, f"internal error (request id {request_id}); the server log has the details"
+
+
+Request = TypeVar("Request")
+Response = TypeVar("Response")
+Handler = Callable[[object, Request, grpc.aio.ServicerContext], Awaitable[Response]]
+
+
+def rpc_errors(handler: Handler) -> Handler:
+    """Decorates a unary RPC method: ServingErrors become their status, anything else INTERNAL."""
+    rpc = handler.__name__
+
+    @functools.wraps(handler)
+    async def wrapper(self, request, context: grpc.aio.ServicerContext):
+        try:
+            return await handler(self, request, context)
+        except Exception as exc:
+            code, message = status_of(exc, rpc, getattr(request, "id", ""))
+            await context.abort(code, message)
+
+    return wrapper

@@ -1,0 +1,153 @@
+"""Shared fixtures: small ONNX models built with onnx.helper, model repositories, in-process servers.
+
+- `model_builder`: the function `build_model(path, seed=0, metadata=None)`, which writes an XOR-shaped
+  model (input `input` FP32 [batch, 2]; outputs `logits` and `probability` FP32 [batch, 1]; a 2-4-1
+  Tanh network with random weights; IR 10).
+- `model_repository`: a repository with `xor/1/model.onnx` (session-scoped; read-only by convention).
+- `server`: an in-process xorserve server on free ports serving `model_repository`, shared by a
+  module; `.address` ("127.0.0.1:PORT"), `.grpc_port`, `.metrics_port`, `.running` (RunningServer).
+- `server_factory(**config)`: starts more servers with ServerConfig overrides; each stops at test end.
+- `shipped_model_repository`: the repository's `models/` folder; skips when models/xor/1 is missing.
+The server runs its asyncio loop in a background thread, so tests stay synchronous.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from serving.server import RunningServer, ServerConfig, start_server
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def build_model(path: Path, seed: int = 0, metadata: dict[str, str] | None = None) -> Path:
+    """An XOR-shaped 2-4-1 Tanh network with random weights, saved at `path` (parents created)."""
+    rng = np.random.default_rng(seed)
+    weights = {
+        "W1": rng.normal(size=(2, 4)).astype(np.float32),
+        "B1": rng.normal(size=(4,)).astype(np.float32),
+        "W2": rng.normal(size=(4, 1)).astype(np.float32),
+        "B2": rng.normal(size=(1,)).astype(np.float32),
+    }
+    nodes = [
+        helper.make_node("MatMul", ["input", "W1"], ["h0"]),
+        helper.make_node("Add", ["h0", "B1"], ["h1"]),
+        helper.make_node("Tanh", ["h1"], ["h2"]),
+        helper.make_node("MatMul", ["h2", "W2"], ["h3"]),
+        helper.make_node("Add", ["h3", "B2"], ["logits"]),
+        helper.make_node("Sigmoid", ["logits"], ["probability"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "xor_fixture",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 2])],
+        [
+            helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 1]),
+            helper.make_tensor_value_info("probability", TensorProto.FLOAT, ["batch", 1]),
+        ],
+        initializer=[numpy_helper.from_array(value, name) for name, value in weights.items()],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=10)
+    helper.set_model_props(model, {"source": "tests/conftest.py", "seed": str(seed), **(metadata or {})})
+    onnx.checker.check_model(model)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save(model, path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def model_builder() -> Callable[..., Path]:
+    return build_model
+
+
+@pytest.fixture(scope="session")
+def model_repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("repository")
+    build_model(root / "xor" / "1" / "model.onnx", seed=1)
+    return root
+
+
+@pytest.fixture(scope="session")
+def shipped_model_repository() -> Path:
+    root = ROOT / "models"
+    if not (root / "xor" / "1" / "model.onnx").is_file():
+        pytest.skip("models/xor/1/model.onnx has not been trained and exported yet")
+    return root
+
+
+class ServerThread:
+    """An in-process server whose event loop runs in a daemon thread."""
+
+    def __init__(self, config: ServerConfig) -> None:
+        self.config = config
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, name="xorserve-test-server", daemon=True)
+        self.running: RunningServer | None = None
+
+    def start(self, timeout_s: float = 60.0) -> ServerThread:
+        self._thread.start()
+        try:
+            self.running = self.call(start_server(self.config), timeout_s)
+        except BaseException:
+            self._shutdown_loop()
+            raise
+        return self
+
+    def call(self, coroutine, timeout_s: float = 60.0):
+        """Runs a coroutine on the server's loop and returns its result."""
+        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(timeout_s)
+
+    @property
+    def address(self) -> str:
+        return self.running.address
+
+    @property
+    def grpc_port(self) -> int:
+        return self.running.grpc_port
+
+    @property
+    def metrics_port(self) -> int:
+        return self.running.metrics_port
+
+    def stop(self, grace_s: float = 10.0, quiet_s: float = 0.0) -> None:
+        """Stops the server; no quiet period by default (tests stop their clients first)."""
+        if self.running is not None:
+            self.call(self.running.stop(grace_s, quiet_s), grace_s + 30)
+            self.running = None
+        self._shutdown_loop()
+
+    def _shutdown_loop(self) -> None:
+        if self._thread.is_alive():
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self._thread.join(30)
+        self.loop.close()
+
+
+@pytest.fixture(scope="module")
+def server(model_repository: Path) -> Iterator[ServerThread]:
+    handle = ServerThread(ServerConfig(model_repository=model_repository)).start()
+    yield handle
+    handle.stop()
+
+
+@pytest.fixture
+def server_factory(model_repository: Path) -> Iterator[Callable[..., ServerThread]]:
+    started: list[ServerThread] = []
+
+    def start(**overrides) -> ServerThread:
+        overrides.setdefault("model_repository", model_repository)
+        handle = ServerThread(ServerConfig(**overrides))
+        started.append(handle)
+        return handle.start()
+
+    yield start
+    for handle in started:
+        handle.stop()

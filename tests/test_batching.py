@@ -1,0 +1,237 @@
+"""The dynamic batcher: batch closing, exact split-back, oversize requests, deadlines, back-pressure, draining."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import numpy as np
+import pytest
+
+from serving.batching import Batcher, BatchPolicy
+from serving.errors import DeadlineExceededError, UnavailableError
+
+
+class RecordingSession:
+    """Stands in for an ONNX Runtime session: output = input * 2 + 1; records each batch's row count.
+
+    While `gate` is cleared, `run` blocks (after setting `entered`), so a test can hold an instance busy.
+    """
+
+    def __init__(self) -> None:
+        self.batches: list[np.ndarray] = []
+        self.threads: list[str] = []
+        self.gate = threading.Event()
+        self.gate.set()
+        self.entered = threading.Event()
+
+    def run(self, output_names, feeds):
+        self.entered.set()
+        self.gate.wait()
+        x = feeds["input"]
+        self.batches.append(x.copy())
+        self.threads.append(threading.current_thread().name)
+        return [x * 2 + 1]
+
+
+def request(rows: int, start: float) -> dict[str, np.ndarray]:
+    return {"input": (np.arange(rows * 2, dtype=np.float32).reshape(rows, 2) + start)}
+
+
+def batcher(session: RecordingSession, inline_rows: int = 0, **policy) -> Batcher:
+    return Batcher("m/1", [session], ["input"], ["output"], BatchPolicy(**policy), inline_rows=inline_rows)
+
+
+async def wait_entered(session: RecordingSession) -> None:
+    await asyncio.to_thread(session.entered.wait, 10)
+
+
+def test_each_caller_gets_exactly_its_own_rows_from_a_shared_batch():
+    async def scenario():
+        session = RecordingSession()
+        b = batcher(session, max_batch_size=64)
+        b.start()
+        session.gate.clear()
+        first = b.submit(request(1, 1000), 1)
+        await wait_entered(session)  # the instance is busy: the next requests queue up together
+        inputs = [request(rows, 100 * i) for i, rows in enumerate([1, 3, 7, 2, 5])]
+        futures = [b.submit(x, len(x["input"])) for x in inputs]
+        session.gate.set()
+        results = await asyncio.gather(first, *futures)
+        await b.drain()
+        await b.close()
+        return session, inputs, results[1:]
+
+    session, inputs, results = asyncio.run(scenario())
+    assert [len(batch) for batch in session.batches] == [1, 18]
+    for x, (output,) in zip(inputs, results, strict=True):
+        np.testing.assert_array_equal(output, x["input"] * 2 + 1)
+
+
+def test_a_batch_closes_at_max_batch_size_rows_without_splitting_requests():
+    async def scenario():
+        session = RecordingSession()
+        b = batcher(session, max_batch_size=8)
+        b.start()
+        session.gate.clear()
+        first = b.submit(request(1, 0), 1)
+        await wait_entered(session)
+        futures = [b.submit(request(3, i), 3) for i in range(5)]  # 15 rows: batches of 6, 6, 3
+        session.gate.set()
+        await asyncio.gather(first, *futures)
+        await b.close()
+        return session
+
+    session = asyncio.run(scenario())
+    assert [len(batch) for batch in session.batches] == [1, 6, 6, 3]
+
+
+def test_a_request_larger_than_max_batch_size_runs_alone():
+    async def scenario():
+        session = RecordingSession()
+        b = batcher(session, max_batch_size=4)
+        b.start()
+        session.gate.clear()
+        first = b.submit(request(1, 0), 1)
+        await wait_entered(session)
+        small, big, after = b.submit(request(2, 1), 2), b.submit(request(9, 2), 9), b.submit(request(1, 3), 1)
+        session.gate.set()
+        results = await asyncio.gather(first, small, big, after)
+        await b.close()
+        return session, results
+
+    session, results = asyncio.run(scenario())
+    assert [len(batch) for batch in session.batches] == [1, 2, 9, 1]
+    np.testing.assert_array_equal(results[2][0], request(9, 2)["input"] * 2 + 1)
+
+
+def test_the_queue_delay_closes_a_batch_that_never_fills():
+    async def scenario():
+        session = RecordingSession()
+        b = batcher(session, max_batch_size=1000, max_queue_delay_us=2000)
+        b.start()
+        (output,) = await asyncio.wait_for(b.submit(request(2, 0), 2), 10)
+        await b.close()
+        return output
+
+    np.testing.assert_array_equal(asyncio.run(scenario()), request(2, 0)["input"] * 2 + 1)
+
+
+def test_with_batching_disabled_every_request_runs_alone():
+    async def scenario():
+        session = RecordingSession()
+        b = batcher(session, max_batch_size=64, enabled=False)
+        b.start()
+        session.gate.clear()
+        first = b.submit(request(1, 0), 1)
+        await wait_entered(session)
+        futures = [b.submit(request(2, i), 2) for i in range(3)]
+        session.gate.set()
+        await asyncio.gather(first, *futures)
+        await b.close()
+        return session
+
+    assert [len(batch) for batch in asyncio.run(scenario()).batches] == [1, 2, 2, 2]
+
+
+def test_a_request_whose_deadline_passed_in_the_queue_fails_without_running():
+    async def scenario():
+        session = RecordingSession()
+        b = batcher(session, max_batch_size=64)
+        b.start()
+        session.gate.clear()
+        first = b.submit(request(1, 0), 1)
+        await wait_entered(session)
+        loop = asyncio.get_running_loop()
+        expired = b.submit(request(5, 7), 5, deadline=loop.time())  # due now: past by the time it is taken
+        alive = b.submit(request(2, 9), 2, deadline=loop.time() + 3600)
+        session.gate.set()
+        outcomes = await asyncio.gather(first, expired, alive, return_exceptions=True)
+        await b.close()
+        return session, outcomes
+
+    session, (_, expired, alive) = asyncio.run(scenario())
+    assert isinstance(expired, DeadlineExceededError)
+    assert "not run" in str(expired)
+    assert [len(batch) for batch in session.batches] == [1, 2]
+    np.testing.assert_array_equal(alive[0], request(2, 9)["input"] * 2 + 1)
+
+
+def test_a_full_queue_refuses_new_requests_as_unavailable():
+    async def scenario():
+        session = RecordingSession()
+        b = batcher(session, max_batch_size=64, max_queue_size=2)
+        b.start()
+        session.gate.clear()
+        first = b.submit(request(1, 0), 1)
+        await wait_entered(session)
+        queued = [b.submit(request(1, i), 1) for i in range(2)]
+        with pytest.raises(UnavailableError, match="queue is full"):
+            b.submit(request(1, 5), 1)
+        session.gate.set()
+        await asyncio.gather(first, *queued)
+        await b.close()
+
+    asyncio.run(scenario())
+
+
+def test_drain_answers_queued_requests_and_refuses_new_ones():
+    async def scenario():
+        session = RecordingSession()
+        b = batcher(session, max_batch_size=2)
+        b.start()
+        session.gate.clear()
+        first = b.submit(request(1, 0), 1)
+        await wait_entered(session)
+        queued = [b.submit(request(2, i), 2) for i in range(3)]
+        drained = b.drain()
+        with pytest.raises(UnavailableError, match="shutting down"):
+            b.submit(request(1, 9), 1)
+        session.gate.set()
+        await drained
+        results = await asyncio.gather(first, *queued)
+        await b.close()
+        return results
+
+    results = asyncio.run(scenario())
+    assert len(results) == 4
+
+
+def test_a_failing_run_fails_only_that_batch_and_the_instance_keeps_serving():
+    class FailsOnNegative(RecordingSession):
+        def run(self, output_names, feeds):
+            if (feeds["input"] < 0).any():
+                raise RuntimeError("boom")
+            return super().run(output_names, feeds)
+
+    async def scenario():
+        session = FailsOnNegative()
+        b = batcher(session, max_batch_size=64)
+        b.start()
+        with pytest.raises(RuntimeError, match="boom"):
+            await b.submit({"input": -np.ones((1, 2), np.float32)}, 1)
+        (output,) = await b.submit(request(1, 0), 1)
+        await b.close()
+        return output
+
+    np.testing.assert_array_equal(asyncio.run(scenario()), request(1, 0)["input"] * 2 + 1)
+
+
+def test_inline_mode_runs_batches_on_the_event_loop_and_oversized_requests_in_a_thread():
+    async def scenario():
+        session = RecordingSession()
+        b = batcher(session, inline_rows=8, max_batch_size=8, max_queue_delay_us=1_000_000)
+        b.start()
+        small = [request(rows, 10 * rows) for rows in (3, 5)]  # 8 rows: the batch closes full, at once
+        futures = [b.submit(x, len(x["input"])) for x in small]
+        big = request(9, 0)
+        results = await asyncio.gather(*futures, b.submit(big, 9))
+        await b.close()
+        return session, small + [big], results
+
+    session, inputs, results = asyncio.run(scenario())
+    assert [len(batch) for batch in session.batches] == [8, 9]
+    assert session.threads[0] == threading.main_thread().name
+    assert session.threads[1] != threading.main_thread().name
+    for x, (output,) in zip(inputs, results, strict=True):
+        np.testing.assert_array_equal(output, x["input"] * 2 + 1)

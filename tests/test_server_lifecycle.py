@@ -1,0 +1,204 @@
+"""Start-up, readiness, draining and deadlines: a broken model, --device cuda without CUDA, SIGTERM
+semantics over the wire, the READY line, and a serve path free of torch."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import subprocess
+import sys
+import threading
+
+import grpc
+import numpy as np
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+import serving.repository
+from serving._proto import grpc_service_pb2 as pb
+from serving._proto import grpc_service_pb2_grpc as pb_grpc
+from serving.launch import ServerProcess
+from serving.runtime import CUDA, DeviceUnavailableError, SessionSettings, open_session
+
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+def infer_request(x: np.ndarray, model: str = "xor") -> pb.ModelInferRequest:
+    tensor = pb.ModelInferRequest.InferInputTensor(name="input", datatype="FP32", shape=list(x.shape))
+    return pb.ModelInferRequest(model_name=model, inputs=[tensor], raw_input_contents=[x.tobytes()])
+
+
+def rows(n: int) -> np.ndarray:
+    return np.arange(2 * n, dtype=np.float32).reshape(n, 2) / 10
+
+
+@pytest.fixture(scope="session")
+def cuda_works(model_repository) -> bool:
+    try:
+        open_session(model_repository / "xor" / "1" / "model.onnx", SessionSettings(device="cuda"))
+    except DeviceUnavailableError:
+        return False
+    return True
+
+
+class GatedSession:
+    """An ONNX Runtime session whose `run` the test can hold (gate cleared) and whose batches it records."""
+
+    def __init__(self, session) -> None:
+        self._session = session
+        self.gate = threading.Event()
+        self.gate.set()
+        self.entered = threading.Event()
+        self.batch_rows: list[int] = []
+
+    def run(self, output_names, feeds):
+        self.entered.set()
+        self.gate.wait(60)
+        self.batch_rows.append(len(feeds["input"]))
+        return self._session.run(output_names, feeds)
+
+    def __getattr__(self, name):
+        return getattr(self._session, name)
+
+
+@pytest.fixture
+def gated(monkeypatch, server_factory):
+    """A server whose only model instance runs through a GatedSession: (server, session)."""
+    sessions: list[GatedSession] = []
+
+    def open_gated(path, settings=None):
+        sessions.append(GatedSession(open_session(path, settings)))
+        return sessions[-1]
+
+    monkeypatch.setattr(serving.repository, "open_session", open_gated)
+    handle = server_factory(device="cpu", max_queue_delay_us=0, inline_max_us=0)  # held runs need threads
+    (session,) = sessions
+    session.batch_rows.clear()  # forget the warm-up
+    return handle, session
+
+
+def hold(stub, session: GatedSession, x: np.ndarray) -> grpc.Future:
+    """Sends x and returns once its batch is running and held at the gate."""
+    session.gate.clear()
+    session.entered.clear()
+    held = stub.ModelInfer.future(infer_request(x))
+    assert session.entered.wait(30)
+    return held
+
+
+def test_a_model_that_fails_to_load_leaves_the_server_up_and_not_ready(server_factory, model_builder, tmp_path, caplog):
+    model_builder(tmp_path / "xor" / "1" / "model.onnx", seed=1)
+    (tmp_path / "broken" / "1").mkdir(parents=True)
+    (tmp_path / "broken" / "1" / "model.onnx").write_bytes(b"this is not an ONNX model")
+    with caplog.at_level(logging.ERROR):
+        handle = server_factory(model_repository=tmp_path)
+    assert not handle.running.ready
+    assert any("event=model_load_failed model=broken/1" in r.getMessage() for r in caplog.records)
+    with grpc.insecure_channel(handle.address) as channel:
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)
+        assert stub.ServerLive(pb.ServerLiveRequest()).live
+        assert not stub.ServerReady(pb.ServerReadyRequest()).ready
+        assert stub.ModelReady(pb.ModelReadyRequest(name="xor")).ready
+        assert not stub.ModelReady(pb.ModelReadyRequest(name="broken")).ready
+        with pytest.raises(grpc.RpcError) as caught:
+            stub.ModelInfer(infer_request(rows(1), model="broken"))
+        assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+        health = health_pb2_grpc.HealthStub(channel)
+        assert health.Check(health_pb2.HealthCheckRequest(service="")).status == NOT_SERVING
+
+
+def test_serve_with_device_cuda_and_no_cuda_fails_start_up_loudly(model_repository, cuda_works):
+    if cuda_works:
+        pytest.skip("CUDA works here; this checks the machine without it")
+    done = subprocess.run(
+        [sys.executable, "-m", "serving.cli", "serve", "--model-repository", str(model_repository)]
+        + ["--device", "cuda", "--port", "0", "--metrics-port", "0"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 1
+    assert "READY" not in done.stdout
+    assert "--device cuda" in done.stderr
+    assert "event=startup_failed" in done.stderr
+
+
+def test_serve_prints_one_ready_line_and_exits_0_on_sigterm(model_repository):
+    server = ServerProcess.start(model_repository)
+    code = server.stop()
+    ready = [line for line in server.output if line.startswith("READY ")]
+    assert len(ready) == 1
+    assert ready[0] == f"READY grpc={server.url} metrics={server.metrics_url} startup_s={ready[0].rsplit('=', 1)[1]}"
+    assert server.startup_s > 0
+    assert code == 0
+
+
+def test_the_serve_path_never_imports_torch():
+    done = subprocess.run(
+        [sys.executable, "-X", "importtime", "-c", "import serving.cli, serving.server"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    imported = {line.split("|")[-1].strip() for line in done.stderr.splitlines() if line.startswith("import time:")}
+    assert "serving.server" in imported
+    assert not {name for name in imported if name == "torch" or name.startswith("torch.")}
+
+
+def test_draining_refuses_new_requests_turns_health_not_serving_and_finishes_in_flight_work(gated):
+    handle, session = gated
+    with grpc.insecure_channel(handle.address) as channel:
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)
+        health = health_pb2_grpc.HealthStub(channel)
+        in_flight = hold(stub, session, rows(4))
+        watch = health.Watch(health_pb2.HealthCheckRequest(service=""))
+        assert next(watch).status == SERVING
+        stopping = asyncio.run_coroutine_threadsafe(handle.running.stop(30), handle.loop)
+        assert next(watch).status == NOT_SERVING
+        watch.cancel()
+        assert health.Check(health_pb2.HealthCheckRequest(service="xor")).status == NOT_SERVING
+        assert not stub.ServerReady(pb.ServerReadyRequest()).ready
+        with pytest.raises(grpc.RpcError) as caught:
+            stub.ModelInfer(infer_request(rows(2)))
+        assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert "shutting down" in caught.value.details()
+        session.gate.set()
+        response = in_flight.result(30)
+    stopping.result(60)
+    assert list(response.outputs[0].shape) == [4, 1]
+    assert session.batch_rows == [4]
+
+
+def test_a_request_whose_deadline_passes_in_the_queue_is_not_run(gated):
+    handle, session = gated
+    with grpc.insecure_channel(handle.address) as channel:
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)
+        held = hold(stub, session, rows(4))
+        with pytest.raises(grpc.RpcError) as caught:
+            stub.ModelInfer(infer_request(rows(5)), timeout=0.2)
+        assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        session.gate.set()
+        held.result(30)
+        stub.ModelInfer(infer_request(rows(3)))  # queued behind the expired one
+    assert session.batch_rows == [4, 3]
+
+
+@pytest.mark.gpu
+def test_device_cuda_runs_the_model_on_the_cuda_provider(server_factory, model_repository, cuda_works):
+    if not cuda_works:
+        pytest.skip("needs an NVIDIA GPU with CUDA-capable onnxruntime-gpu")
+    handle = server_factory(device="cuda")
+    with grpc.insecure_channel(handle.address) as channel:
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)
+        metadata = stub.ModelMetadata(pb.ModelMetadataRequest(name="xor"))
+        server_metadata = stub.ServerMetadata(pb.ServerMetadataRequest())
+        response = stub.ModelInfer(infer_request(rows(4)))
+    assert metadata.properties["providers"].split(",")[0] == CUDA
+    assert CUDA in server_metadata.properties["providers"].split(",")
+    served = handle.running.plane.resolve("xor")
+    assert all(session.get_providers()[0] == CUDA for session in served.loaded.sessions)
+    cpu = open_session(model_repository / "xor" / "1" / "model.onnx", SessionSettings(device="cpu"))
+    logits = np.frombuffer(response.raw_output_contents[0], np.float32).reshape(4, 1)
+    np.testing.assert_allclose(logits, cpu.run(["logits"], {"input": rows(4)})[0], atol=1e-5)
