@@ -160,7 +160,9 @@ class ParquetSource:
     def __init__(self, path: str | Path, chunk_rows: int):
         self.path = str(path)
         self.chunk_rows = chunk_rows
-        self._file = pq.ParquetFile(self.path)
+        # pre_buffer (on by default) keeps every column chunk it has read until the file is closed, so a
+        # streamed read would hold the whole file by its end; without it, memory stays at a row group.
+        self._file = pq.ParquetFile(self.path, pre_buffer=False)
         self.total_rows: int | None = self._file.metadata.num_rows
         # Pandas metadata describes the input's index, which no longer holds once rows are rejected.
         self.schema = self._file.schema_arrow.remove_metadata()
