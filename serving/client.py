@@ -3,14 +3,17 @@
     with InferenceClient("127.0.0.1:8001") as client:
         prediction = client.predict(np.array([[0, 0], [0, 1]], np.float32))
 
-Tensors travel as raw little-endian bytes (`raw_input_contents` / `raw_output_contents`), as
-tritonclient sends them. Calls that fail with UNAVAILABLE (server starting, draining or queue full)
-are retried with exponential backoff; every other error is raised at once as `InferenceError`.
+Tensors travel as raw little-endian bytes (`raw_input_contents`), as tritonclient sends them; answers
+are read from `raw_output_contents`, or from typed `contents` for servers that answer that way. Calls
+that fail with UNAVAILABLE (server starting, draining or queue full) are retried `retries` times,
+waiting `backoff_s`, then twice as long each time (at most 2 s, with jitter, so that many clients
+refused together do not come back together); every other error is raised at once as `InferenceError`.
 """
 
 from __future__ import annotations
 
 import asyncio
+import random
 import time
 from dataclasses import dataclass
 
@@ -21,7 +24,7 @@ from serving._proto import grpc_service_pb2 as pb
 from serving._proto import grpc_service_pb2_grpc as pb_grpc
 
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
-_BACKOFF_S = 0.05
+_MAX_WAIT_S = 2.0
 
 # Open Inference Protocol datatype names <-> numpy dtypes (little-endian).
 DTYPES: dict[str, np.dtype] = {
@@ -94,11 +97,36 @@ def _request(model: str, version: str, sig: _Signature, x: np.ndarray, outputs) 
     return request
 
 
+# The typed `contents` field that holds each datatype, for answers without raw bytes.
+_CONTENTS_FIELD = {
+    "BOOL": "bool_contents",
+    "INT8": "int_contents",
+    "INT16": "int_contents",
+    "INT32": "int_contents",
+    "INT64": "int64_contents",
+    "UINT8": "uint_contents",
+    "UINT16": "uint_contents",
+    "UINT32": "uint_contents",
+    "UINT64": "uint64_contents",
+    "FP32": "fp32_contents",
+    "FP64": "fp64_contents",
+}
+
+
 def _outputs(response: pb.ModelInferResponse) -> dict[str, np.ndarray]:
     result = {}
-    for tensor, raw in zip(response.outputs, response.raw_output_contents, strict=True):
-        result[tensor.name] = np.frombuffer(raw, dtype=DTYPES[tensor.datatype]).reshape(tuple(tensor.shape))
+    for i, tensor in enumerate(response.outputs):
+        dtype, shape = DTYPES[tensor.datatype], tuple(tensor.shape)
+        if response.raw_output_contents:
+            result[tensor.name] = np.frombuffer(response.raw_output_contents[i], dtype=dtype).reshape(shape)
+        else:
+            values = getattr(tensor.contents, _CONTENTS_FIELD[tensor.datatype])
+            result[tensor.name] = np.asarray(values, dtype=dtype).reshape(shape)
     return result
+
+
+def _backoff(first_s: float, attempt: int) -> float:
+    return min(first_s * 2**attempt, _MAX_WAIT_S) * random.uniform(0.5, 1.0)
 
 
 def _metadata_dict(metadata: pb.ModelMetadataResponse) -> dict:
@@ -115,15 +143,39 @@ def _metadata_dict(metadata: pb.ModelMetadataResponse) -> dict:
     }
 
 
-class InferenceClient:
-    """Blocking client for one model on one server."""
+class _Client:
+    """What the blocking and the asyncio client share: the target, the call policy and the channel."""
 
-    def __init__(self, url: str, model: str = "xor", version: str = "", timeout_s: float = 10.0, retries: int = 3):
+    def __init__(
+        self,
+        url: str,
+        model: str = "xor",
+        version: str = "",
+        timeout_s: float = 10.0,
+        retries: int = 5,
+        backoff_s: float = 0.1,
+    ):
         self.url, self.model, self.version = url, model, version
-        self.timeout_s, self.retries = timeout_s, retries
-        self._channel = grpc.insecure_channel(url, options=_channel_options())
+        self.timeout_s, self.retries, self.backoff_s = timeout_s, retries, backoff_s
+        self._channel = self._open_channel(url)
         self._stub = pb_grpc.GRPCInferenceServiceStub(self._channel)
         self._sig: _Signature | None = None
+
+    def _open_channel(self, url: str):
+        raise NotImplementedError
+
+    def _metadata_request(self) -> pb.ModelMetadataRequest:
+        return pb.ModelMetadataRequest(name=self.model, version=self.version)
+
+    def _ready_request(self) -> pb.ModelReadyRequest:
+        return pb.ModelReadyRequest(name=self.model, version=self.version)
+
+
+class InferenceClient(_Client):
+    """Blocking client for one model on one server."""
+
+    def _open_channel(self, url: str) -> grpc.Channel:
+        return grpc.insecure_channel(url, options=_channel_options())
 
     def __enter__(self) -> InferenceClient:
         return self
@@ -141,20 +193,18 @@ class InferenceClient:
             except grpc.RpcError as exc:
                 if exc.code() != grpc.StatusCode.UNAVAILABLE or attempt == self.retries:
                     raise InferenceError(exc.code(), exc.details() or "") from None
-            time.sleep(_BACKOFF_S * 2**attempt)
+            time.sleep(_backoff(self.backoff_s, attempt))
         raise AssertionError("unreachable")
 
     def _metadata(self) -> pb.ModelMetadataResponse:
-        request = pb.ModelMetadataRequest(name=self.model, version=self.version)
-        return self._call(self._stub.ModelMetadata, request)
+        return self._call(self._stub.ModelMetadata, self._metadata_request())
 
     def metadata(self) -> dict:
         return _metadata_dict(self._metadata())
 
     def ready(self) -> bool:
-        request = pb.ModelReadyRequest(name=self.model, version=self.version)
         try:
-            return self._call(self._stub.ModelReady, request).ready
+            return self._call(self._stub.ModelReady, self._ready_request()).ready
         except InferenceError:
             return False
 
@@ -168,15 +218,11 @@ class InferenceClient:
         return Prediction.from_outputs(self.infer(x, ["probability"]))
 
 
-class AsyncInferenceClient:
+class AsyncInferenceClient(_Client):
     """The same client on grpc.aio, for many requests in flight from one thread."""
 
-    def __init__(self, url: str, model: str = "xor", version: str = "", timeout_s: float = 10.0, retries: int = 3):
-        self.url, self.model, self.version = url, model, version
-        self.timeout_s, self.retries = timeout_s, retries
-        self._channel = grpc.aio.insecure_channel(url, options=_channel_options())
-        self._stub = pb_grpc.GRPCInferenceServiceStub(self._channel)
-        self._sig: _Signature | None = None
+    def _open_channel(self, url: str) -> grpc.aio.Channel:
+        return grpc.aio.insecure_channel(url, options=_channel_options())
 
     async def __aenter__(self) -> AsyncInferenceClient:
         return self
@@ -194,20 +240,18 @@ class AsyncInferenceClient:
             except grpc.aio.AioRpcError as exc:
                 if exc.code() != grpc.StatusCode.UNAVAILABLE or attempt == self.retries:
                     raise InferenceError(exc.code(), exc.details() or "") from None
-            await asyncio.sleep(_BACKOFF_S * 2**attempt)
+            await asyncio.sleep(_backoff(self.backoff_s, attempt))
         raise AssertionError("unreachable")
 
     async def _metadata(self) -> pb.ModelMetadataResponse:
-        request = pb.ModelMetadataRequest(name=self.model, version=self.version)
-        return await self._call(self._stub.ModelMetadata, request)
+        return await self._call(self._stub.ModelMetadata, self._metadata_request())
 
     async def metadata(self) -> dict:
         return _metadata_dict(await self._metadata())
 
     async def ready(self) -> bool:
-        request = pb.ModelReadyRequest(name=self.model, version=self.version)
         try:
-            return (await self._call(self._stub.ModelReady, request)).ready
+            return (await self._call(self._stub.ModelReady, self._ready_request())).ready
         except InferenceError:
             return False
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -23,7 +24,9 @@ from serving.cli import env_default
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--out", default=env_default("out", "out/demo"), help="where the demo writes (XORSERVE_OUT)")
+    parser.add_argument(
+        "--out", default=env_default("demo_out", "out/demo"), help="where the demo writes (XORSERVE_DEMO_OUT)"
+    )
     parser.add_argument(
         "--model-repository",
         default=env_default("model_repository", "models"),
@@ -53,8 +56,15 @@ def write_sample_csv(path: Path, rows: int, seed: int = 7) -> None:
     np.savetxt(path, points, delimiter=",", header="x1,x2", comments="", fmt="%.6f")
 
 
+def _exit_on_sigterm(signum, frame) -> None:
+    # Unwinds through the `with` blocks, so the server the demo started is stopped too.
+    raise SystemExit(128 + signum)
+
+
 def run(args: argparse.Namespace) -> int:
     from serving.launch import ServerProcess
+
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

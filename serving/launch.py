@@ -4,11 +4,15 @@
         ... server.url ...   # "127.0.0.1:PORT", ready to answer
 
 Readiness is the server's own `READY grpc=HOST:PORT metrics=HOST:PORT startup_s=S` line on stdout,
-not a sleep. Stopping sends SIGTERM (the server drains and exits 0) and waits.
+not a sleep; its `NOT_READY ...` line (a model failed to load) fails the start at once. Stopping sends
+SIGTERM (the server drains and exits 0) and waits. The server also gets SIGTERM if the process that
+started it dies without stopping it (Linux's parent-death signal), so no server outlives its runner.
 """
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import os
 import re
 import signal
@@ -20,6 +24,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 _READY = re.compile(r"^READY grpc=(?P<grpc>\S+) metrics=(?P<metrics>\S+) startup_s=(?P<startup>[0-9.]+)")
+_NOT_READY = re.compile(r"^NOT_READY ")
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: SIGTERM it when the process that started it dies, however it dies."""
+    # Not Linux: no prctl, and the parent's own clean-up still stops the server.
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 class ServerStartError(RuntimeError):
@@ -50,7 +63,13 @@ class ServerProcess:
             command = ["taskset", "-c", cpus, *command]
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         process = subprocess.Popen(
-            command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True
+            command,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env=env,
+            start_new_session=True,
+            preexec_fn=_die_with_parent,
         )
         output: deque = deque(maxlen=200)
         ready: dict[str, str] = {}
@@ -60,10 +79,12 @@ class ServerProcess:
             # Reads the child's output for its whole life, so its pipe never fills and blocks it.
             for line in process.stdout:
                 output.append(line.rstrip("\n"))
-                match = _READY.match(line)
-                if match and not seen.is_set():
-                    ready.update(match.groupdict())
-                    seen.set()
+                if not seen.is_set():
+                    match = _READY.match(line)
+                    if match:
+                        ready.update(match.groupdict())
+                    if match or _NOT_READY.match(line):
+                        seen.set()
             seen.set()
 
         threading.Thread(target=pump, name="server-output", daemon=True).start()
@@ -71,7 +92,7 @@ class ServerProcess:
             process.kill()
             process.wait()
             tail = "\n".join(list(output)[-20:])
-            raise ServerStartError(f"xorserve serve did not become ready (exit {process.returncode}):\n{tail}")
+            raise ServerStartError(f"xorserve serve did not become ready:\n{tail}")
         return cls(process, ready["grpc"], ready["metrics"], float(ready["startup"]), output)
 
     def stop(self, timeout_s: float = 40.0) -> int:

@@ -10,6 +10,7 @@ Exit codes: 0 answered; 1 the server refused or could not be reached (one line o
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 
 import numpy as np
@@ -18,6 +19,9 @@ from serving.cli import env_default
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    # A point such as -0.5,1 is an argument, not an unknown option: argparse only recognises plain
+    # negative numbers by itself.
+    parser._negative_number_matcher = re.compile(r"^-\.?\d")
     parser.add_argument("points", nargs="+", metavar="X1,X2", help="points to classify, e.g. 0,1")
     parser.add_argument("--url", default=env_default("url", "127.0.0.1:8001"), help="server HOST:PORT (XORSERVE_URL)")
     parser.add_argument("--model", default=env_default("model", "xor"), help="model name (XORSERVE_MODEL)")
@@ -36,7 +40,12 @@ def parse_points(texts: list[str]) -> np.ndarray:
             rows.append([float(p) for p in parts])
         except ValueError:
             raise ValueError(f"point {text!r} is not two comma-separated numbers like 0,1") from None
-    return np.asarray(rows, dtype=np.float32)
+    with np.errstate(over="ignore"):
+        points = np.asarray(rows, dtype=np.float32)
+    for text, point in zip(texts, points, strict=True):
+        if not np.isfinite(point).all():
+            raise ValueError(f"point {text!r} is not two finite numbers within float32's range")
+    return points
 
 
 def format_table(points: np.ndarray, probability: np.ndarray, label: np.ndarray) -> str:

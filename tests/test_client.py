@@ -19,7 +19,8 @@ CORNERS = np.array([[0, 0], [0, 1], [1, 0], [1, 1]], dtype=np.float32)
 @pytest.fixture(scope="module")
 def reference(model_repository):
     session = open_session(model_repository / "xor" / "1" / "model.onnx", SessionSettings(device="cpu"))
-    return lambda x: dict(zip(["logits", "probability"], session.run(["logits", "probability"], {"input": x})))
+    names = ["logits", "probability"]
+    return lambda x: dict(zip(names, session.run(names, {"input": x}), strict=True))
 
 
 def closed_port() -> int:
@@ -79,9 +80,9 @@ def test_unknown_model_raises_not_found_without_retrying(server):
 
 
 def test_unreachable_server_raises_unavailable_after_retries():
-    with InferenceClient(f"127.0.0.1:{closed_port()}", timeout_s=2, retries=1) as client:
-        with pytest.raises(InferenceError) as error:
-            client.predict(CORNERS)
+    client = InferenceClient(f"127.0.0.1:{closed_port()}", timeout_s=2, retries=1, backoff_s=0.01)
+    with client, pytest.raises(InferenceError) as error:
+        client.predict(CORNERS)
     assert error.value.code == grpc.StatusCode.UNAVAILABLE
 
 
@@ -91,6 +92,11 @@ def test_parse_points_reads_pairs_and_names_a_bad_one():
         parse_points(["0,0", "1,2,3"])
     with pytest.raises(ValueError, match="'a,b'"):
         parse_points(["a,b"])
+
+
+def test_parse_points_refuses_values_beyond_float32():
+    with pytest.raises(ValueError, match="'1e40,1'.*float32"):
+        parse_points(["1e40,1"])
 
 
 def xorserve(*args):
@@ -104,6 +110,13 @@ def test_predict_command_prints_a_row_per_point(server, reference):
     assert header.split() == ["x1", "x2", "probability", "label"]
     expected = reference(CORNERS[[0, 3]])["probability"].reshape(-1)
     assert [float(row.split()[2]) for row in rows] == pytest.approx(expected.tolist(), abs=1e-6)
+
+
+def test_predict_command_takes_negative_coordinates(server, reference):
+    result = xorserve("predict", "--url", server.address, "-0.5,1", "1,-.25")
+    assert result.returncode == 0, result.stderr
+    rows = result.stdout.strip().splitlines()[1:]
+    assert [row.split()[:2] for row in rows] == [["-0.5000", "1.0000"], ["1.0000", "-0.2500"]]
 
 
 def test_predict_command_rejects_a_malformed_point_with_exit_2():
