@@ -88,7 +88,13 @@ class ServerProcess:
             seen.set()
 
         threading.Thread(target=pump, name="server-output", daemon=True).start()
-        if not seen.wait(timeout_s) or not ready:
+        try:
+            started = seen.wait(timeout_s) and bool(ready)
+        except BaseException:  # e.g. SIGTERM or Ctrl-C while waiting: the caller never gets the handle
+            process.kill()
+            process.wait()
+            raise
+        if not started:
             process.kill()
             process.wait()
             tail = "\n".join(list(output)[-20:])
