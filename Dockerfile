@@ -3,7 +3,15 @@
 #   trainer   train -> export -> parity into /models (PyTorch)
 #   server    `xorserve serve` on ONNX Runtime with CUDA 13 + cuDNN 9 from pip; no PyTorch, no CUDA base image
 #   loadtest  Locust master or worker running loadtest/locustfile.py; no ONNX Runtime, no PyTorch
-# Every install is pinned by constraints.txt, the versions the test suite ran with.
+# What is pinned: every package named in constraints.txt (the versions the test suite ran with) is
+# installed at exactly that version. What is not:
+#   - the server's NVIDIA CUDA and cuDNN wheels (nvidia-cuda-runtime, nvidia-cuda-nvrtc, nvidia-cufft,
+#     nvidia-curand, nvidia-cudnn-cu13, and the nvidia-* wheels those require) from onnxruntime-gpu's
+#     cuda and cudnn extras: constraints.txt was frozen on a machine without them, so pip takes the
+#     newest that onnxruntime-gpu 1.31.1 allows (~=13.0, ~=12.0, ~=10.0, ~=9.0) when the image is built;
+#   - the trainer's CUDA dependencies of torch 2.13.0 (nvidia-*, triton), absent for the same reason:
+#     pip takes what that torch wheel's metadata requires;
+#   - the base image (a tag, not a digest) and the pip that comes with it.
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm
 
 FROM ${PYTHON_IMAGE} AS base

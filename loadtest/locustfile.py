@@ -10,8 +10,9 @@ in the task, so a dead server shows up as failures, not as a flood of tracebacks
 
 Options (flags after the locustfile, or environment variables): --model (XORSERVE_MODEL),
 --model-version, --input-name, --small-rows, --large-rows, --deadline-ms. With --csv PREFIX, the
-master (or the single process) also writes PREFIX_response_times.json: exact 0.01-ms histograms
-per request name (see loadtest/timings.py), from which `xorserve loadtest` computes its percentiles.
+master (or the single process) also writes PREFIX_response_times.json: per request name, the count
+of calls and failures and an exact 0.01-ms histogram of the successful calls' times (see
+loadtest/timings.py), from which `xorserve loadtest` computes its rates and percentiles.
 """
 
 from __future__ import annotations

@@ -2,11 +2,16 @@
 
 Runs loadtest/locustfile.py under Locust (one process, or a master and N local workers) for a fixed
 time, then writes into --out: Locust's CSV tables (locust_stats.csv, locust_failures.csv, ...), its
-HTML report (report.html), its log (locust.log) and summary.json (requests, failures, rps and exact
-p50/p95/p99 per task and in total, computed from the locustfile's 0.01-ms histograms, not from
-Locust's whole-millisecond buckets). Prints the summary as a table and exits 0 when every objective
-holds, 1 when one is missed (p99 above --max-p99-ms, failure ratio above --max-fail-ratio, or no
-request completed at all), 2 when the run itself could not be made.
+HTML report (report.html), its log (locust.log) and summary.json (requests, failures and fail ratio
+over all calls; rps and exact p50/p95/p99 over the successful calls only, per task and in total,
+computed from the locustfile's 0.01-ms histograms, not from Locust's whole-millisecond buckets).
+The request and failure counts agree with Locust's CSV and HTML tables; the rates and percentiles
+differ from Locust's, which time failed calls too. Prints the summary as a table ("-" where no call
+succeeded) and exits:
+  0  every objective holds
+  1  one is missed: p99 above --max-p99-ms, failure ratio above --max-fail-ratio, no call succeeded
+  2  the run could not be made (bad arguments: one line on stderr; the server or Locust failed)
+  143 stopped by SIGTERM (Locust and a --start-server server are stopped first)
 
     xorserve loadtest --url 127.0.0.1:8001 --users 32 --spawn-rate 32 --duration 30s --out out/loadtest
     xorserve loadtest --start-server --users 8 --duration 10s --max-p99-ms 20
@@ -19,10 +24,12 @@ import json
 import logging
 import re
 import shlex
+import signal
 import socket
 import subprocess
 import sys
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import TextIO
 
@@ -40,14 +47,24 @@ _DURATION = re.compile(r"^(?:(?P<h>\d+)h)?(?:(?P<m>\d+)m)?(?:(?P<s>\d+)s?)?$")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    def usage_error(message: str):
+        # One line, exit 2 ("the run could not be made"), for a flag or its environment variable alike.
+        parser.exit(2, f"{parser.prog}: error: {message}\n")
+
+    parser.error = usage_error
+    # Numeric defaults are given as text so that argparse checks them with the flag's type, also when
+    # they come from the environment (argparse converts and checks only string defaults).
     parser.add_argument("--url", default=env_default("url", "127.0.0.1:8001"), help="server HOST:PORT (XORSERVE_URL)")
     parser.add_argument("--model", default=env_default("model", "xor"), help="model to call (XORSERVE_MODEL)")
     parser.add_argument(
-        "--users", type=int, default=env_default("users", 32), help="concurrent Locust users (XORSERVE_USERS)"
+        "--users",
+        type=number(int, minimum=1),
+        default=env_default("users", "32"),
+        help="concurrent Locust users (XORSERVE_USERS)",
     )
     parser.add_argument(
         "--spawn-rate",
-        type=float,
+        type=number(float, above=0),
         default=env_default("spawn_rate", None),
         help="users started per second; default: --users, all within a second (XORSERVE_SPAWN_RATE)",
     )
@@ -58,24 +75,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="run time, e.g. 30s, 2m, 1h30m (XORSERVE_DURATION)",
     )
     parser.add_argument(
-        "--out", type=Path, default=env_default("out", "out/loadtest"), help="result folder (XORSERVE_OUT)"
+        "--out",
+        type=out_folder,
+        default=env_default("loadtest_out", "out/loadtest"),
+        help="result folder, created if missing (XORSERVE_LOADTEST_OUT)",
     )
     parser.add_argument(
         "--max-p99-ms",
-        type=float,
+        type=number(float, above=0),
         default=env_default("max_p99_ms", None),
-        help="objective: total p99 latency at most this (XORSERVE_MAX_P99_MS)",
+        help="objective: p99 latency of the successful requests at most this (XORSERVE_MAX_P99_MS)",
     )
     parser.add_argument(
         "--max-fail-ratio",
-        type=float,
-        default=env_default("max_fail_ratio", 0.0),
+        type=number(float, minimum=0, maximum=1),
+        default=env_default("max_fail_ratio", "0"),
         help="objective: failed / all requests at most this (XORSERVE_MAX_FAIL_RATIO)",
     )
     parser.add_argument(
         "--workers",
-        type=int,
-        default=env_default("workers", 0),
+        type=number(int, minimum=0),
+        default=env_default("workers", "0"),
         help="0: one Locust process; N: a local master and N worker processes (XORSERVE_WORKERS)",
     )
     parser.add_argument(
@@ -91,37 +111,93 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--small-rows",
-        type=int,
-        default=env_default("small_rows", 1),
+        type=number(int, minimum=1),
+        default=env_default("small_rows", "1"),
         help="rows of the small infer task (XORSERVE_SMALL_ROWS)",
     )
     parser.add_argument(
         "--large-rows",
-        type=int,
-        default=env_default("large_rows", 64),
+        type=number(int, minimum=1),
+        default=env_default("large_rows", "64"),
         help="rows of the large infer task (XORSERVE_LARGE_ROWS)",
     )
     parser.add_argument(
         "--deadline-ms",
-        type=float,
-        default=env_default("deadline_ms", 1000.0),
+        type=number(float, above=0),
+        default=env_default("deadline_ms", "1000"),
         help="gRPC deadline of each call (XORSERVE_DEADLINE_MS)",
     )
 
 
+def number(
+    kind: type, minimum: float | None = None, above: float | None = None, maximum: float | None = None
+) -> Callable[[str], int | float]:
+    """An argparse type: `kind` (int or float) within the bounds, else a one-line error naming them."""
+
+    def parse(text: str) -> int | float:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}") from None
+        if minimum is not None and value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum:g}, not {text}")
+        if above is not None and not value > above:
+            raise argparse.ArgumentTypeError(f"must be more than {above:g}, not {text}")
+        if maximum is not None and value > maximum:
+            raise argparse.ArgumentTypeError(f"must be at most {maximum:g}, not {text}")
+        return value
+
+    parse.__name__ = kind.__name__  # what argparse calls the type in its own messages
+    return parse
+
+
 def duration_s(text: str) -> int:
-    """Seconds in a Locust-style duration: 30, 30s, 2m, 1h30m."""
+    """Seconds in a Locust-style duration: 30, 30s, 2m, 1h30m; at least one second."""
     match = _DURATION.match(text.strip())
     if not text.strip() or match is None:
         raise argparse.ArgumentTypeError(f"invalid duration {text!r}; expected e.g. 30s, 2m, 1h30m")
-    return sum(int(match.group(unit) or 0) * scale for unit, scale in (("h", 3600), ("m", 60), ("s", 1)))
+    seconds = sum(int(match.group(unit) or 0) * scale for unit, scale in (("h", 3600), ("m", 60), ("s", 1)))
+    if seconds < 1:
+        raise argparse.ArgumentTypeError(f"duration {text!r} is shorter than a second")
+    return seconds
+
+
+def out_folder(text: str) -> Path:
+    """A folder that exists or can be made: neither it nor the nearest existing path above it is a file."""
+    path = Path(text)
+    for existing in (path, *path.parents):
+        if existing.exists():
+            if not existing.is_dir():
+                raise argparse.ArgumentTypeError(f"{existing} exists and is not a folder")
+            break
+    return path
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.users < 1 or args.duration < 1 or args.workers < 0:
-        log.error("event=bad_arguments users=%d duration_s=%d workers=%d", args.users, args.duration, args.workers)
+    # SIGTERM (docker stop, a CI runner's timeout) unwinds like Ctrl-C, through the cleanups that stop
+    # Locust and the --start-server server; its default action would leave both running.
+    if threading.current_thread() is not threading.main_thread():
+        return _run(args)
+    previous = signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    try:
+        return _run(args)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _exit_on_sigterm(signum: int, _frame) -> None:
+    # The cleanup is bounded (each child gets SIGTERM, then SIGKILL); a second SIGTERM must not cut it short.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    log.warning("event=terminated signal=SIGTERM stopping=children")
+    raise SystemExit(128 + signum)
+
+
+def _run(args: argparse.Namespace) -> int:
+    try:
+        args.out.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        log.error("event=bad_out out=%s error=%s", args.out, " ".join(str(error).split()))
         return 2
-    args.out.mkdir(parents=True, exist_ok=True)
     # A previous run's results in the same folder must never pass for this run's.
     for stale in (_times_path(args), args.out / "summary.json"):
         stale.unlink(missing_ok=True)
@@ -135,8 +211,8 @@ def run(args: argparse.Namespace) -> int:
     except ServerStartError as error:
         log.error("event=server_start_failed error=%s", error)
         return 2
-    log.info("event=server_started url=%s startup_s=%.2f", server.url, server.startup_s)
-    with server:
+    with server:  # at once: a SIGTERM from here on stops the server too
+        log.info("event=server_started url=%s startup_s=%.2f", server.url, server.startup_s)
         return _run_and_judge(args, server.url)
 
 
@@ -171,7 +247,10 @@ def _run_and_judge(args: argparse.Namespace, url: str) -> int:
 
 
 def objectives_missed(total: dict, max_p99_ms: float | None, max_fail_ratio: float) -> list[str]:
-    """What the run's total row says about the objectives: one sentence per objective missed."""
+    """What the run's total row says about the objectives: one sentence per objective missed.
+
+    A run in which no call succeeded misses even without a latency objective: it measured nothing.
+    """
     if total["requests"] == 0:
         return ["no request completed"]
     missed = []
@@ -180,26 +259,35 @@ def objectives_missed(total: dict, max_p99_ms: float | None, max_fail_ratio: flo
             f"failure ratio {total['fail_ratio']:.4f} ({total['failures']} of {total['requests']}) "
             f"above {max_fail_ratio:g}"
         )
-    if max_p99_ms is not None and total["p99_ms"] > max_p99_ms:
+    if total["requests"] == total["failures"]:
+        missed.append("no request succeeded: no latency measured")
+    elif max_p99_ms is not None and total["p99_ms"] > max_p99_ms:
         missed.append(f"p99 {total['p99_ms']:.2f} ms above {max_p99_ms:g} ms")
     return missed
 
 
 def format_table(summary: dict) -> str:
-    header = f"{'name':<22} {'requests':>9} {'failures':>9} {'rps':>10} {'p50 ms':>9} {'p95 ms':>9} {'p99 ms':>9}"
+    """The summary as text: counts of all calls, then rate and percentiles of the successful ones."""
+    header = (
+        f"{'name':<22} {'requests':>9} {'failures':>9} {'fail %':>7} {'ok rps':>10} "
+        f"{'p50 ms':>9} {'p95 ms':>9} {'p99 ms':>9}"
+    )
     rows = [*summary["tasks"].items(), ("total", summary["total"])]
 
-    def ms(value: float | None) -> str:
-        return "-" if value is None else f"{value:.2f}"
+    def shown(value: float | None, row: dict, places: int) -> str:
+        # "-": nothing succeeded, so there is no rate or latency to show (0.0 would read as a measurement).
+        return "-" if value is None or row["requests"] == row["failures"] else f"{value:.{places}f}"
 
     lines = [header, "-" * len(header)]
     for name, row in rows:
         if name == "total":
             lines.append("-" * len(header))
         lines.append(
-            f"{name:<22} {row['requests']:>9} {row['failures']:>9} {row['rps']:>10.1f} "
-            f"{ms(row['p50_ms']):>9} {ms(row['p95_ms']):>9} {ms(row['p99_ms']):>9}"
+            f"{name:<22} {row['requests']:>9} {row['failures']:>9} {100 * row['fail_ratio']:>7.2f} "
+            f"{shown(row['rps'], row, 1):>10} {shown(row['p50_ms'], row, 2):>9} {shown(row['p95_ms'], row, 2):>9} "
+            f"{shown(row['p99_ms'], row, 2):>9}"
         )
+    lines.append("(ok rps and percentiles: successful requests only)")
     return "\n".join(lines)
 
 
@@ -230,25 +318,31 @@ def locust_commands(args: argparse.Namespace, url: str, master_port: int | None 
 
 
 def run_locust(args: argparse.Namespace, url: str) -> bool:
-    """Run Locust to completion within a bounded time; False when it failed or had to be stopped."""
+    """Run Locust to completion within a bounded time; False when it failed or had to be stopped.
+
+    However this returns or raises (SIGTERM, Ctrl-C), no Locust process outlives it.
+    """
     commands = locust_commands(args, url, _free_port() if args.workers else None)
     log.info("event=locust_start workers=%d command=%s", args.workers, shlex.join(commands[0]))
     lead_log = (args.out / "locust.log").open("w", encoding="utf-8")
     worker_logs = [(args.out / f"locust-worker-{index}.log").open("w") for index in range(1, len(commands))]
+    processes: list[subprocess.Popen] = []
     try:
         lead = subprocess.Popen(commands[0], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        workers = [
-            subprocess.Popen(command, stdout=file, stderr=subprocess.STDOUT)
-            for command, file in zip(commands[1:], worker_logs, strict=True)
-        ]
+        processes.append(lead)
+        for command, file in zip(commands[1:], worker_logs, strict=True):
+            processes.append(subprocess.Popen(command, stdout=file, stderr=subprocess.STDOUT))
+        log.info("event=locust_started pids=%s", ",".join(str(process.pid) for process in processes))
         pump = threading.Thread(target=_tee, args=(lead.stdout, lead_log, sys.stderr), daemon=True)
         pump.start()
         finished = _wait(lead, args.duration + OVERHEAD_S)
-        for worker in workers:
+        for worker in processes[1:]:
             # Workers leave when the master quits; they only linger if it died first.
             finished = _wait(worker, WORKER_CONNECT_S) and finished
         pump.join()
     finally:
+        for process in processes:
+            _stop(process)  # only those still running: after an exception, or a master that never quit
         lead_log.close()
         for file in worker_logs:
             file.close()
@@ -258,19 +352,26 @@ def run_locust(args: argparse.Namespace, url: str) -> bool:
 
 
 def _wait(process: subprocess.Popen, timeout_s: float) -> bool:
-    """Wait for a Locust process; past the timeout, SIGTERM (Locust still writes its reports), then SIGKILL."""
+    """Wait for a Locust process; past the timeout, stop it and return False."""
     try:
         process.wait(timeout_s)
         return True
     except subprocess.TimeoutExpired:
         log.error("event=locust_timeout pid=%d timeout_s=%.0f", process.pid, timeout_s)
+    _stop(process)
+    return False
+
+
+def _stop(process: subprocess.Popen) -> None:
+    """SIGTERM (Locust still writes its reports), then SIGKILL if it is still there 15 s later."""
+    if process.poll() is not None:
+        return
     process.terminate()
     try:
         process.wait(15)
     except subprocess.TimeoutExpired:
         process.kill()
         process.wait()
-    return False
 
 
 def _tee(source: TextIO, *sinks: TextIO) -> None:

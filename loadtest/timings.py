@@ -3,8 +3,14 @@
 Locust buckets response times to whole milliseconds (and coarser above 100 ms) before it computes
 percentiles, which says nothing about a service that answers in well under a millisecond. The
 locustfile reports every call's time to two decimals, so a histogram keyed by hundredths of a
-millisecond loses nothing: percentiles computed from it are exact at that resolution. This module
-does not import Locust, so the runner can read the histograms without gevent's monkey-patching.
+millisecond loses nothing: percentiles computed from it are exact at that resolution.
+
+Only successful calls are timed. A failed call is counted, not timed: against a dead server every
+call fails in a fraction of a millisecond, and mixing those times in would report a fast service (a
+low p99, a high rate) where there is none. So the percentiles, the mean and `rps` describe the calls
+that succeeded; `requests`, `failures` and `fail_ratio` count them all, as Locust's own tables do.
+This module does not import Locust, so the runner can read the histograms without gevent's
+monkey-patching.
 """
 
 from __future__ import annotations
@@ -19,7 +25,7 @@ PERCENTILES = {"p50_ms": 0.50, "p95_ms": 0.95, "p99_ms": 0.99}
 
 @dataclass
 class Histogram:
-    """Calls of one request name: counts, failures and response times in hundredths of a millisecond."""
+    """Calls of one request name: counts, failures, and the successful calls' times in hundredths of a millisecond."""
 
     requests: int = 0
     failures: int = 0
@@ -27,8 +33,14 @@ class Histogram:
 
     def record(self, response_time_ms: float, failed: bool) -> None:
         self.requests += 1
-        self.failures += int(failed)
-        self.hundredths[round(response_time_ms * HUNDREDTHS_PER_MS)] += 1
+        if failed:
+            self.failures += 1
+        else:
+            self.hundredths[round(response_time_ms * HUNDREDTHS_PER_MS)] += 1
+
+    @property
+    def successes(self) -> int:
+        return self.requests - self.failures
 
     def merge(self, other: Histogram) -> None:
         self.requests += other.requests
@@ -36,16 +48,17 @@ class Histogram:
         self.hundredths.update(other.hundredths)
 
     def percentile_ms(self, q: float) -> float | None:
-        """Nearest-rank percentile: the smallest time that at least a fraction q of the calls did not exceed."""
-        if self.requests == 0:
+        """Nearest-rank percentile of the successful calls: the smallest time that at least a fraction q of
+        them did not exceed; None without any."""
+        if self.successes == 0:
             return None
-        rank = max(1, math.ceil(q * self.requests))
+        rank = max(1, math.ceil(q * self.successes))
         seen = 0
         for key in sorted(self.hundredths):
             seen += self.hundredths[key]
             if seen >= rank:
                 return key / HUNDREDTHS_PER_MS
-        raise ValueError(f"histogram holds {seen} times but counts {self.requests} requests")
+        raise ValueError(f"histogram holds {seen} times but counts {self.successes} successful requests")
 
     def to_dict(self) -> dict:
         return {"requests": self.requests, "failures": self.failures, "hundredths": dict(self.hundredths)}
@@ -91,14 +104,16 @@ class ResponseTimes:
 
 
 def row(histogram: Histogram, elapsed_s: float) -> dict:
-    """One summary row: counts, throughput over the whole run, and exact percentiles in milliseconds."""
+    """One summary row: counts of all calls; rate and exact times (in milliseconds) of the successful ones."""
     total_ms = sum(key * count for key, count in histogram.hundredths.items()) / HUNDREDTHS_PER_MS
+    ok = histogram.successes
     summary = {
         "requests": histogram.requests,
         "failures": histogram.failures,
         "fail_ratio": histogram.failures / histogram.requests if histogram.requests else 0.0,
-        "rps": round(histogram.requests / elapsed_s, 2) if elapsed_s > 0 else 0.0,
-        "mean_ms": round(total_ms / histogram.requests, 3) if histogram.requests else None,
+        "successes": ok,
+        "rps": round(ok / elapsed_s, 2) if elapsed_s > 0 else 0.0,  # successful calls per second
+        "mean_ms": round(total_ms / ok, 3) if ok else None,
     }
     summary.update({key: histogram.percentile_ms(q) for key, q in PERCENTILES.items()})
     summary["max_ms"] = max(histogram.hundredths) / HUNDREDTHS_PER_MS if histogram.hundredths else None

@@ -12,8 +12,9 @@ rows_read = rows_scored + rows_rejected.
 exit status:
   0  every row scored
   2  some rows rejected (see the errors file); the others are scored and written
-  1  failure (bad arguments, unreadable input, missing columns, unreachable server, model or server error):
-     one line on stderr; nothing written (an existing OUTPUT is left as it was)
+  1  failure (bad arguments, an OUTPUT or errors file that cannot be written, unreadable input, missing
+     columns, unreachable server, model or server error): one line on stderr; nothing written (an
+     existing OUTPUT or errors file is left as it was)
   130 interrupted (Ctrl-C): nothing written
 """
 
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -50,7 +52,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("input", metavar="INPUT", help="CSV with a header line (also .csv.gz ...) or Parquet file")
     parser.add_argument("output", metavar="OUTPUT", help="file to write: .csv (or .csv.gz ...) or .parquet/.pq")
     # One choice, made on the command line or else by the environment: a XORSERVE_URL exported for
-    # other commands must not collide with a --model given here (or the other way round).
+    # other commands must not collide with a --model given here (or the other way round). The folder's
+    # variable is score's own: XORSERVE_MODEL is a model NAME for predict, loadtest and the locustfile.
     backend = parser.add_mutually_exclusive_group()
     backend.add_argument(
         "--url", help="score through the server at HOST:PORT (env XORSERVE_URL, if neither flag is given)"
@@ -58,7 +61,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     backend.add_argument(
         "--model",
         help="score in-process with the model in this folder (model.onnx), e.g. models/xor/1 "
-        "(env XORSERVE_MODEL, if neither flag is given)",
+        "(env XORSERVE_SCORE_MODEL, if neither flag is given)",
     )
     parser.add_argument(
         "--model-name",
@@ -89,8 +92,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--errors",
-        default=env_default("errors", None),
-        help="CSV file for rejected rows (default: OUTPUT's name with .errors.csv; env XORSERVE_ERRORS)",
+        default=env_default("score_errors", None),
+        help="CSV file for rejected rows (default: OUTPUT's name with .errors.csv; env XORSERVE_SCORE_ERRORS)",
     )
     parser.add_argument(
         "--format",
@@ -115,6 +118,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=float,
         default=env_default("timeout_s", 30.0),
         help="with --url: deadline of each request in seconds (default %(default)s; env XORSERVE_TIMEOUT_S)",
+    )
+    parser.add_argument(
+        "--retries",
+        type=int,
+        default=env_default("retries", 5),
+        help="with --url: retries of a request refused with UNAVAILABLE (server starting, draining or busy), "
+        "with growing waits between them (default %(default)s; env XORSERVE_RETRIES)",
     )
     parser.add_argument(
         "--quiet",
@@ -149,9 +159,9 @@ def _backend(args: argparse.Namespace) -> tuple[str | None, str | None]:
     """(url, model): the flag given, else the environment's; exactly one of them set."""
     if args.url or args.model:
         return args.url, args.model
-    url, model = env_default("url", None), env_default("model", None)
+    url, model = env_default("url", None), env_default("score_model", None)
     if url and model:
-        raise UsageError("XORSERVE_URL and XORSERVE_MODEL are both set; choose with --url or --model")
+        raise UsageError("XORSERVE_URL and XORSERVE_SCORE_MODEL are both set; choose with --url or --model")
     if not (url or model):
         raise UsageError("give --url HOST:PORT (score through a server) or --model DIR (score in-process)")
     return url, model
@@ -162,6 +172,20 @@ def _check_args(args: argparse.Namespace) -> None:
         raise UsageError(f"--chunk-rows must be at least 1, not {args.chunk_rows}")
     if args.concurrency < 1:
         raise UsageError(f"--concurrency must be at least 1, not {args.concurrency}")
+    if args.retries < 0:
+        raise UsageError(f"--retries must be at least 0, not {args.retries}")
+
+
+def _check_target(path: Path, what: str) -> None:
+    """Fails now, before the model is loaded or the server reached, if `path` could not be renamed into place."""
+    if path.is_dir():
+        raise UsageError(f"{what} {path} is a folder; name a file")
+    folder = path.parent
+    if not folder.is_dir():
+        raise UsageError(f"{what} {path}: folder {folder} does not exist")
+    # Creating and renaming a file in the folder needs write and search permission on it (root has both).
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise UsageError(f"{what} {path}: folder {folder} is not writable")
 
 
 def _check_columns(schema, names: list[str], path: str) -> None:
@@ -194,7 +218,7 @@ def _open_scorer(args: argparse.Namespace, n_features: int):
     from serving.client import InferenceError
 
     try:
-        return RemoteScorer(url, n_features, args.model_name, args.model_version, args.timeout_s)
+        return RemoteScorer(url, n_features, args.model_name, args.model_version, args.timeout_s, args.retries)
     except InferenceError as exc:
         raise UsageError(f"cannot use the server at {url}: {_one_line(exc)}") from exc
 
@@ -235,6 +259,8 @@ def score(args: argparse.Namespace) -> Summary:
         raise UsageError("OUTPUT is the INPUT; write the scores to another file")
     if errors.resolve() in (output.resolve(), Path(args.input).resolve()):
         raise UsageError(f"the errors file {errors} would overwrite the input or the output")
+    _check_target(output, "OUTPUT")
+    _check_target(errors, "the errors file")
     in_format = detect_format(args.input, args.format)
     out_format = detect_format(output, args.output_format)
     typed_features = in_format == "csv" and out_format == "parquet"

@@ -6,9 +6,11 @@ import argparse
 import fnmatch
 import json
 import re
+import shlex
 import shutil
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -136,6 +138,72 @@ def test_locust_workers_parse_and_join_the_master(services):
     # Scaling with --scale needs workers without fixed host ports or names.
     assert "ports" not in services["locust-worker"]
     assert "container_name" not in services["locust-worker"]
+
+
+def test_server_restarts_after_a_crash_a_bounded_number_of_times(services):
+    # Without a GPU, `--device cuda` fails at every start: an unbounded policy would restart it forever.
+    policy = services["server"]["restart"]
+    match = re.fullmatch(r"on-failure:(\d+)", policy)
+    assert match, f"restart: {policy}"
+    assert 1 <= int(match.group(1)) <= 10
+
+
+# `docker compose run` options that take a value; the others used here are flags.
+RUN_VALUE_OPTIONS = {"-v", "--volume", "-u", "--user", "-e", "--env", "-w", "--workdir", "--name", "--entrypoint"}
+
+
+def compose_run_examples() -> list[str]:
+    """The `docker compose run ...` command lines in docker-compose.yml's header comment."""
+    comment = "\n".join(line[1:] for line in COMPOSE.read_text().splitlines() if line.startswith("#"))
+    joined = re.sub(r"\\\n\s*", " ", comment)
+    return [part.strip() for line in joined.splitlines() for part in line.split("&&") if "compose run" in part]
+
+
+def parse_compose_run(line: str) -> tuple[dict[str, list[str]], str, list[str]]:
+    """(options, service, command) of one `docker compose run` line."""
+    tokens = shlex.split(line, comments=True)
+    assert tokens[:3] == ["docker", "compose", "run"], line
+    options: dict[str, list[str]] = {}
+    rest = tokens[3:]
+    while rest[0].startswith("-"):
+        name = rest.pop(0)
+        options.setdefault(name, []).append(rest.pop(0) if name in RUN_VALUE_OPTIONS else "")
+    return options, rest[0], rest[1:]
+
+
+def test_headless_loadtest_example_keeps_its_results_on_the_host(services):
+    (line,) = compose_run_examples()
+    options, service, command = parse_compose_run(line)
+    assert service in services
+    args = parse_xorserve(command)
+    assert command[1] == "loadtest"
+    assert args.url == "server:8001"
+    mounts = [volume.split(":") for volume in options.get("-v", []) + options.get("--volume", [])]
+    # A bind mount of a host folder (not a named volume) that holds --out; written as the host user.
+    assert any(host.startswith(("$PWD", ".", "/")) and Path(args.out).is_relative_to(inside) for host, inside in mounts)
+    assert options.get("--user") or options.get("-u")
+
+
+def test_packages_the_dockerfile_names_are_pinned_by_constraints(stages):
+    pinned = {
+        re.sub(r"[-_.]+", "-", line.split("==")[0]).lower()
+        for line in (ROOT / "constraints.txt").read_text().splitlines()
+        if "==" in line and not line.startswith("#")
+    }
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    named = []
+    for line in (line for instructions in stages.values() for line in instructions):
+        for install in re.findall(r"pip install ([^&]+)", line):
+            for token in shlex.split(install):
+                if token.startswith("-") or token == "constraints.txt":
+                    continue
+                if token.startswith("."):  # the project: its extras' requirements
+                    for extra in re.findall(r"\[(.*)\]", token)[0].split(",") if "[" in token else []:
+                        named += extras[extra]
+                else:
+                    named.append(token)
+    names = {re.sub(r"[-_.]+", "-", re.match(r"[A-Za-z0-9_.-]+", requirement).group()).lower() for requirement in named}
+    assert names and names <= pinned, names - pinned
 
 
 def test_every_build_names_an_existing_dockerfile_stage(services, stages):

@@ -1,4 +1,9 @@
-"""`xorserve loadtest`: Locust runs headless against a server, and its reports agree with each other."""
+"""`xorserve loadtest`: Locust runs headless against a server, and its reports agree with each other.
+
+Which figures agree: summary.json's request and failure counts equal those of Locust's CSV and HTML
+tables, per task and in total. Its rates and percentiles are over the successful calls only and at
+0.01 ms, so they are not compared with Locust's, which time failed calls too, in whole milliseconds.
+"""
 
 from __future__ import annotations
 
@@ -7,16 +12,20 @@ import csv
 import json
 import math
 import re
+import signal
+import socket
 import subprocess
 import sys
 import threading
 from collections import Counter
 from pathlib import Path
 
+import psutil
 import pytest
 
-from loadtest.runner import add_arguments, duration_s, objectives_missed
+from loadtest.runner import add_arguments, duration_s, format_table, objectives_missed
 from loadtest.timings import Histogram, ResponseTimes, summarize
+from serving import cli
 from serving.healthcheck import check
 
 TASKS = {"ModelInfer[1]", "ModelInfer[64]", "ModelMetadata"}
@@ -63,7 +72,7 @@ def test_duration_accepts_locust_style_spans():
     assert [duration_s(text) for text in ("45", "30s", "2m", "1h30m", "1m5s")] == [45, 30, 120, 5400, 65]
 
 
-@pytest.mark.parametrize("text", ["", "5x", "m", "1.5s", "-3s"])
+@pytest.mark.parametrize("text", ["", "5x", "m", "1.5s", "-3s", "0", "0s"])
 def test_duration_rejects_what_locust_would_not_read(text):
     with pytest.raises(argparse.ArgumentTypeError):
         duration_s(text)
@@ -73,10 +82,56 @@ def test_flags_fall_back_to_environment_variables(monkeypatch):
     monkeypatch.setenv("XORSERVE_USERS", "3")
     monkeypatch.setenv("XORSERVE_DURATION", "2m")
     monkeypatch.setenv("XORSERVE_MAX_P99_MS", "7.5")
+    monkeypatch.setenv("XORSERVE_LOADTEST_OUT", "results/here")
     parser = argparse.ArgumentParser()
     add_arguments(parser)
     args = parser.parse_args([])
     assert (args.users, args.duration, args.max_p99_ms, args.spawn_rate) == (3, 120, 7.5, None)
+    assert args.out == Path("results/here")
+
+
+def test_out_ignores_the_variable_other_commands_use_for_their_folders(monkeypatch):
+    monkeypatch.setenv("XORSERVE_OUT", "models/xor/1")  # `xorserve train --out`'s fallback
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    assert parser.parse_args([]).out == Path("out/loadtest")
+
+
+def _usage_error(capsys, *argv: str) -> str:
+    parser, _ = cli.command_parser("loadtest")
+    with pytest.raises(SystemExit) as exited:
+        parser.parse_args(list(argv))
+    assert exited.value.code == 2
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1, err
+    return err
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--users", "0"], "argument --users: must be at least 1, not 0"),
+        (["--users", "many"], "argument --users: 'many' is not an integer"),
+        (["--workers", "-1"], "argument --workers: must be at least 0, not -1"),
+        (["--spawn-rate", "0"], "argument --spawn-rate: must be more than 0, not 0"),
+        (["--max-fail-ratio", "1.5"], "argument --max-fail-ratio: must be at most 1, not 1.5"),
+        (["--duration", "0s"], "argument --duration: duration '0s' is shorter than a second"),
+    ],
+)
+def test_bad_numbers_exit_2_with_one_line(capsys, argv, message):
+    assert message in _usage_error(capsys, *argv)
+
+
+def test_bad_number_from_the_environment_exits_2_with_one_line(capsys, monkeypatch):
+    monkeypatch.setenv("XORSERVE_USERS", "0")
+    assert "argument --users: must be at least 1, not 0" in _usage_error(capsys)
+
+
+@pytest.mark.parametrize("inside", [False, True])
+def test_out_on_an_existing_file_exits_2_with_one_line(tmp_path, capsys, inside):
+    (tmp_path / "results").write_text("not a folder\n")
+    out = tmp_path / "results" / "run1" if inside else tmp_path / "results"
+    assert f"{tmp_path / 'results'} exists and is not a folder" in _usage_error(capsys, "--out", str(out))
 
 
 def test_percentiles_are_nearest_rank_at_hundredths_of_a_millisecond():
@@ -102,19 +157,31 @@ def test_merged_worker_histograms_equal_one_histogram_of_all_calls():
     assert first.by_name == {}
 
 
-def test_summary_counts_failures_and_rates_over_the_elapsed_time():
+def test_summary_counts_every_call_but_times_and_rates_only_the_successful_ones():
     times = ResponseTimes()
-    for value, failed in [(1.0, False), (2.0, True), (3.0, False), (4.0, False)]:
+    for value, failed in [(1.0, False), (0.01, True), (3.0, False), (4.0, False)]:
         times.record("x", value, failed)
-    summary = summarize(times, elapsed_s=2.0)
-    assert summary["total"]["requests"] == 4
-    assert summary["total"]["failures"] == 1
-    assert summary["total"]["rps"] == 2.0
-    assert summary["tasks"]["x"]["fail_ratio"] == 0.25
+    total = summarize(times, elapsed_s=2.0)["total"]
+    assert (total["requests"], total["failures"], total["successes"], total["fail_ratio"]) == (4, 1, 3, 0.25)
+    assert total["rps"] == 3 / 2.0
+    assert (total["p50_ms"], total["max_ms"], total["mean_ms"]) == (3.0, 4.0, round(8.0 / 3, 3))
+
+
+def test_fast_failures_show_no_rate_or_latency_and_miss_the_objectives():
+    times = ResponseTimes()
+    for _ in range(50):
+        times.record("ModelInfer[1]", 0.7, failed=True)  # a dead server answers fast
+    summary = summarize(times, elapsed_s=1.0)
+    total = summary["total"]
+    assert (total["rps"], total["p50_ms"], total["p99_ms"], total["mean_ms"]) == (0.0, None, None, None)
+    missed = objectives_missed(total, max_p99_ms=5.0, max_fail_ratio=1.0)
+    assert missed == ["no request succeeded: no latency measured"]
+    total_line = format_table(summary).splitlines()[-2]
+    assert total_line.split() == ["total", "50", "50", "100.00", "-", "-", "-", "-"]
 
 
 def test_objectives_name_each_miss():
-    row = {"requests": 100, "failures": 2, "fail_ratio": 0.02, "p99_ms": 4.5}
+    row = {"requests": 100, "failures": 2, "fail_ratio": 0.02, "successes": 98, "p99_ms": 4.5}
     assert objectives_missed(row, max_p99_ms=5.0, max_fail_ratio=0.05) == []
     missed = objectives_missed(row, max_p99_ms=1.0, max_fail_ratio=0.0)
     assert len(missed) == 2
@@ -175,6 +242,7 @@ def test_printed_table_ends_with_the_total_row(started_run):
     result, _, summary = started_run
     total = summary["total"]
     assert re.search(rf"^total\s+{total['requests']}\s+{total['failures']}\s", result.stdout, re.MULTILINE)
+    assert "successful requests only" in result.stdout
     assert "PASS" in result.stdout
 
 
@@ -241,3 +309,65 @@ def test_distributed_run_merges_every_workers_times(tmp_path, server):
         "locust-worker-1.log",
         "locust-worker-2.log",
     ]
+
+
+@pytest.mark.slow
+def test_unreachable_server_fails_without_a_latency(tmp_path):
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        url = f"127.0.0.1:{probe.getsockname()[1]}"  # nothing listens there once the probe is closed
+    result = xorserve_loadtest(
+        tmp_path, "--url", url, "--users", "2", "--duration", "2s", "--max-p99-ms", "50", "--max-fail-ratio", "1"
+    )
+    assert result.returncode == 1, result.stdout + result.stderr
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    total = summary["total"]
+    assert total["requests"] == total["failures"] > 0
+    assert total["p99_ms"] is None and total["rps"] == 0.0
+    assert summary["violations"] == ["no request succeeded: no latency measured"]
+    assert re.search(rf"^total\s+{total['requests']}\s+{total['failures']}\s+100\.00\s+-\s", result.stdout, re.M)
+    assert csv_counts(tmp_path) == summary_counts(summary)
+
+
+def _alive(process: psutil.Process) -> bool:
+    try:
+        return process.is_running() and process.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+@pytest.mark.slow
+def test_sigterm_stops_the_runner_its_server_and_locust(tmp_path, model_repository):
+    command = [sys.executable, "-m", "serving.cli", "loadtest", "--start-server", "--out", str(tmp_path)]
+    command += ["--model-repository", str(model_repository), "--users", "2", "--duration", "30s"]
+    runner = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    spawned = threading.Event()
+    output: list[str] = []
+
+    def pump() -> None:
+        for line in runner.stdout:
+            output.append(line)
+            if "All users spawned" in line:
+                spawned.set()
+        spawned.set()
+
+    reader = threading.Thread(target=pump, daemon=True)
+    reader.start()
+    children: list[psutil.Process] = []
+    try:
+        assert spawned.wait(90), "".join(output)
+        children = psutil.Process(runner.pid).children(recursive=True)
+        commands = [" ".join(child.cmdline()) for child in children]
+        assert any("serving.cli serve" in c for c in commands) and any("-m locust" in c for c in commands), commands
+        runner.send_signal(signal.SIGTERM)
+        runner.wait(90)
+        assert [child.pid for child in children if _alive(child)] == [], "".join(output)
+        assert runner.returncode == 128 + signal.SIGTERM, "".join(output)
+    finally:
+        if runner.poll() is None:
+            runner.kill()
+            runner.wait()
+        for child in children:
+            if _alive(child):
+                child.kill()
+        reader.join(10)

@@ -6,12 +6,14 @@ import csv
 import gzip
 import io
 import json
+import os
 import socket
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
 
+import grpc
 import numpy as np
 import onnxruntime as ort
 import pyarrow as pa
@@ -21,7 +23,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from serving import cli
-from serving.scoring import backends, pipeline, readers
+from serving.client import InferenceError
+from serving.scoring import backends, pipeline, readers, writers
 from serving.scoring.validate import features
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -324,7 +327,7 @@ def test_unreachable_server_exits_1_with_one_line(tmp_path):
     source = _write_csv(tmp_path / "in.csv", "x1,x2", ["0,1"])
     url = f"127.0.0.1:{_free_port()}"  # nothing listens there
     done = subprocess.run(
-        [sys.executable, "-m", "serving.cli", "score", source, tmp_path / "out.csv", "--url", url],
+        [sys.executable, "-m", "serving.cli", "score", source, tmp_path / "out.csv", "--url", url, "--retries", "1"],
         capture_output=True,
         text=True,
         cwd=ROOT,
@@ -334,6 +337,41 @@ def test_unreachable_server_exits_1_with_one_line(tmp_path):
     assert len(done.stderr.strip().splitlines()) == 1, done.stderr
     assert "cannot use the server" in done.stderr and "UNAVAILABLE" in done.stderr
     assert not (tmp_path / "out.csv").exists()
+
+
+class _RecordingClient:
+    """Stands in for serving.client.InferenceClient: records its arguments, finds no server."""
+
+    made: list[dict] = []
+
+    def __init__(self, url: str, **kwargs):
+        self.made.append({"url": url, **kwargs})
+
+    def metadata(self) -> dict:
+        raise InferenceError(grpc.StatusCode.UNAVAILABLE, "no server here")
+
+    def close(self) -> None:
+        pass
+
+
+@pytest.mark.parametrize(("flag", "env", "expected"), [(None, None, 5), ("9", None, 9), (None, "2", 2)])
+def test_retries_reach_the_client_from_the_flag_or_the_environment(tmp_path, score, monkeypatch, flag, env, expected):
+    monkeypatch.setattr("serving.client.InferenceClient", _RecordingClient)
+    monkeypatch.setattr(_RecordingClient, "made", [])
+    if env is not None:
+        monkeypatch.setenv("XORSERVE_RETRIES", env)
+    source = _write_csv(tmp_path / "in.csv", "x1,x2", ["0,1"])
+    status, _, err = score(source, tmp_path / "out.csv", "--url", "h:1", *(("--retries", flag) if flag else ()))
+    assert status == 1
+    assert "UNAVAILABLE: no server here" in err
+    assert [made["retries"] for made in _RecordingClient.made] == [expected]
+
+
+def test_negative_retries_exit_1(tmp_path, score):
+    source = _write_csv(tmp_path / "in.csv", "x1,x2", ["0,1"])
+    status, _, err = score(source, tmp_path / "out.csv", "--url", "h:1", "--retries", "-1")
+    assert status == 1
+    assert "--retries must be at least 0" in err
 
 
 def test_server_stopping_mid_run_fails_and_leaves_no_output(tmp_path, score, server_factory, monkeypatch):
@@ -411,7 +449,78 @@ def test_failed_run_leaves_an_existing_output_as_it_was(tmp_path, score, model_d
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.parquet", "out.csv"]
 
 
+@pytest.mark.parametrize("errors_existed", [True, False])
+def test_failed_output_rename_puts_the_errors_file_back(tmp_path, errors_existed):
+    schema = pa.schema([("x1", pa.float64())])
+    if errors_existed:
+        (tmp_path / "out.errors.csv").write_text("yesterday's errors\n")
+    with (
+        pytest.raises(IsADirectoryError),
+        writers.Outputs(tmp_path / "out.csv", "csv", schema, tmp_path / "out.errors.csv") as outputs,
+    ):
+        outputs.rows.write(pa.table({"x1": [1.0]}, schema=schema))
+        (tmp_path / "out.csv").mkdir()  # appears after the checks at start-up: the output's rename fails
+        outputs.commit()
+    left = sorted(p.name for p in tmp_path.iterdir())
+    assert left == (["out.csv", "out.errors.csv"] if errors_existed else ["out.csv"])
+    if errors_existed:
+        assert (tmp_path / "out.errors.csv").read_text() == "yesterday's errors\n"
+
+
+def test_successful_commit_replaces_both_files_and_leaves_no_temporary_names(tmp_path, score, model_dir):
+    source = _write_csv(tmp_path / "in.csv", "x1,x2", ["0,1", "x,1"])
+    (tmp_path / "out.csv").write_text("old\n")
+    (tmp_path / "out.errors.csv").write_text("old\n")
+    assert score(source, tmp_path / "out.csv", "--model", model_dir)[0] == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.csv", "out.csv", "out.errors.csv"]
+    assert (tmp_path / "out.errors.csv").read_text().startswith("row,reason,detail\n2,non-numeric,")
+    assert (tmp_path / "out.csv").read_text().startswith("x1,x2,probability,label\n0,1,")
+
+
 # --- usage errors -------------------------------------------------------------------------------------
+
+
+def _unusable_backends(tmp_path: Path) -> dict[str, tuple[str, str]]:
+    """Back-ends that would fail if they were tried: the target checks must come first."""
+    return {"model": ("--model", str(tmp_path / "no-model")), "url": ("--url", f"127.0.0.1:{_free_port()}")}
+
+
+@pytest.mark.parametrize("backend", ["model", "url"])
+@pytest.mark.parametrize(
+    ("target", "message"),
+    [
+        ("folder/", "OUTPUT {p}/folder is a folder; name a file"),
+        ("missing/out.csv", "OUTPUT {p}/missing/out.csv: folder {p}/missing does not exist"),
+        ("errors-folder/", "the errors file {p}/errors-folder is a folder; name a file"),
+    ],
+)
+def test_unwritable_targets_fail_before_the_model_is_loaded_or_the_server_reached(
+    tmp_path, score, backend, target, message
+):
+    source = _write_csv(tmp_path / "in.csv", "x1,x2", ["0,1"])
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "errors-folder").mkdir()
+    output, errors = tmp_path / "out.csv", tmp_path / "out.errors.csv"
+    if target.startswith("errors"):
+        errors = tmp_path / target.rstrip("/")
+    else:
+        output = tmp_path / target.rstrip("/")
+    args = (*_unusable_backends(tmp_path)[backend], "--errors", errors, "--retries", "0")
+    status, out, err = score(source, output, *args)
+    assert status == 1
+    assert err == f"xorserve score: error: {message.format(p=tmp_path)}\n"
+    assert out == ""
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["errors-folder", "folder", "in.csv"]
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root may write into any folder")
+def test_output_in_a_read_only_folder_fails_before_the_model_is_loaded(tmp_path, score):
+    source = _write_csv(tmp_path / "in.csv", "x1,x2", ["0,1"])
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o555)
+    status, _, err = score(source, locked / "out.csv", "--model", tmp_path / "no-model")
+    assert status == 1
+    assert f"folder {locked} is not writable" in err
 
 
 def test_missing_feature_column_exits_1_naming_it(tmp_path, score, model_dir):
@@ -439,13 +548,31 @@ def test_url_and_model_together_exit_1_not_2(tmp_path, model_dir, capsys):
 
 def test_environment_picks_the_back_end_when_no_flag_does(tmp_path, score, model_dir, monkeypatch):
     source = _write_csv(tmp_path / "in.csv", "x1,x2", ["0,1"])
-    monkeypatch.setenv("XORSERVE_MODEL", str(model_dir))
+    monkeypatch.setenv("XORSERVE_SCORE_MODEL", str(model_dir))
     assert score(source, tmp_path / "a.csv")[0] == 0
     monkeypatch.setenv("XORSERVE_URL", "127.0.0.1:1")  # exported for other commands: the flag still decides
     assert score(source, tmp_path / "b.csv", "--model", model_dir)[0] == 0
     status, _, err = score(source, tmp_path / "c.csv")
     assert status == 1
-    assert "XORSERVE_URL and XORSERVE_MODEL are both set" in err
+    assert "XORSERVE_URL and XORSERVE_SCORE_MODEL are both set" in err
+
+
+def test_a_model_name_exported_for_other_commands_is_not_taken_for_a_folder(tmp_path, score, monkeypatch):
+    source = _write_csv(tmp_path / "in.csv", "x1,x2", ["0,1"])
+    monkeypatch.setenv("XORSERVE_MODEL", "xor")  # predict's and loadtest's model NAME
+    status, _, err = score(source, tmp_path / "out.csv")
+    assert status == 1
+    assert "give --url HOST:PORT" in err
+
+
+def test_errors_path_falls_back_to_its_command_scoped_variable(tmp_path, score, model_dir, monkeypatch):
+    source = _write_csv(tmp_path / "in.csv", "x1,x2", ["x,1"])
+    monkeypatch.setenv("XORSERVE_ERRORS", str(tmp_path / "not-this.csv"))
+    monkeypatch.setenv("XORSERVE_SCORE_ERRORS", str(tmp_path / "rejected.csv"))
+    status, out, _ = score(source, tmp_path / "out.csv", "--model", model_dir)
+    assert status == 2
+    assert _summary(out)["errors"] == str(tmp_path / "rejected.csv")
+    assert [e["row"] for e in _errors(tmp_path / "rejected.csv")] == ["1"]
 
 
 def test_help_documents_the_exit_statuses(capsys):

@@ -73,10 +73,19 @@ class InProcessScorer:
 class RemoteScorer:
     """A model on a running server, through `serving.client.InferenceClient` (one channel, many threads)."""
 
-    def __init__(self, url: str, n_features: int, model: str = "xor", version: str = "", timeout_s: float = 30.0):
+    def __init__(
+        self,
+        url: str,
+        n_features: int,
+        model: str = "xor",
+        version: str = "",
+        timeout_s: float = 30.0,
+        retries: int = 5,
+    ):
         from serving.client import InferenceClient
 
-        self._client = InferenceClient(url, model=model, version=version, timeout_s=timeout_s)
+        # retries: how long a server that is starting, draining or full may keep us waiting (with backoff).
+        self._client = InferenceClient(url, model=model, version=version, timeout_s=timeout_s, retries=retries)
         try:
             metadata = self._client.metadata()  # also the reachability check: raises UNAVAILABLE after retries
             inputs, outputs = metadata.get("inputs", []), [o["name"] for o in metadata.get("outputs", [])]

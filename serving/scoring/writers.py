@@ -1,7 +1,9 @@
 """Output and errors files, written under a temporary name in the destination's folder and renamed at the end.
 
 A run that fails or is interrupted leaves nothing under the output's name: `discard()` removes the
-temporary file, and even a killed process only leaves a hidden `.NAME.XXXXXXXX.partial` behind.
+temporary file, and even a killed process only leaves a hidden `.NAME.XXXXXXXX.partial` behind. The
+output and errors files are renamed into place together (`commit_all`): if the second rename fails,
+the first name gets back what it held before.
 CSV is written chunk by chunk with Arrow, values quoted only where they need it. Parquet uses
 dictionary encoding for text columns only: on numbers (scores, labels, ids) it costs a hash lookup
 per value, and snappy already squeezes the 0/1 labels.
@@ -14,6 +16,7 @@ import csv
 import io
 import os
 import secrets
+import shutil
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
@@ -27,7 +30,7 @@ from serving.scoring.validate import Reject
 
 
 class AtomicPath:
-    """A temporary file beside `final`, renamed onto it by `commit()` or removed by `discard()`."""
+    """A temporary file beside `final`, renamed onto it by `commit_all()` or removed by `discard()`."""
 
     def __init__(self, final: str | Path):
         self.final = Path(final)
@@ -38,16 +41,60 @@ class AtomicPath:
         # O_EXCL: never write over someone else's file; mode 0o666 lets the umask decide, as for any new file.
         os.close(os.open(self.temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
 
-    def commit(self) -> None:
+    def sync(self) -> None:
         fd = os.open(self.temp, os.O_RDONLY)
         try:
             os.fsync(fd)  # the data is on disk before the name points at it
         finally:
             os.close(fd)
-        os.replace(self.temp, self.final)
+
+    def keep_previous(self) -> Path | None:
+        """A second name for what `final` holds now (None if nothing), so that a rename onto it can be undone."""
+        if not os.path.lexists(self.final):
+            return None
+        previous = self.final.parent / f".{self.final.name}.{secrets.token_hex(4)}.previous"
+        try:
+            os.link(self.final, previous, follow_symlinks=False)  # free: no data copied
+        except OSError:
+            shutil.copy2(self.final, previous, follow_symlinks=False)  # a file system without hard links
+        return previous
 
     def discard(self) -> None:
         self.temp.unlink(missing_ok=True)
+
+
+def commit_all(paths: list[AtomicPath]) -> None:
+    """Renames each temporary file onto its name, in order: all of them, or, if one rename fails, none.
+
+    A name renamed before the failure gets back what it held (or is removed if it held nothing); the
+    exception is raised again. Only a crash between two renames can leave the first one done.
+    """
+    for path in paths:
+        path.sync()
+    renamed: list[tuple[AtomicPath, Path | None]] = []
+    try:
+        for index, path in enumerate(paths):
+            # The last rename needs no way back: if it fails, nothing after it has happened.
+            previous = path.keep_previous() if index < len(paths) - 1 else None
+            try:
+                os.replace(path.temp, path.final)
+            except BaseException:
+                if previous is not None:
+                    previous.unlink(missing_ok=True)
+                raise
+            renamed.append((path, previous))
+    except BaseException:
+        for path, previous in reversed(renamed):
+            with contextlib.suppress(OSError):  # the failed rename is the error to report
+                if previous is not None:
+                    os.replace(previous, path.final)
+                else:
+                    path.final.unlink()
+        raise
+    finally:
+        for _, previous in renamed:
+            if previous is not None:
+                previous.unlink(missing_ok=True)
 
 
 class ParquetSink:
@@ -179,8 +226,9 @@ class Outputs:
         while self._sinks:
             self._sinks.pop().close()
         output, errors = self._paths
-        errors.commit()
-        output.commit()  # last: the output's presence means the run completed
+        # The output last: an output under its name always has its own run's errors file beside it,
+        # even if the process is killed between the two renames.
+        commit_all([errors, output])
         self._paths = []
 
     def discard(self) -> None:
