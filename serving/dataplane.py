@@ -18,7 +18,14 @@ from serving import converters
 from serving._proto import grpc_service_pb2 as pb
 from serving._proto import model_config_pb2 as mc
 from serving.batching import Batcher, BatchPolicy
-from serving.errors import STATUS, ModelNotFoundError, ServingError, TooLargeError, UnavailableError
+from serving.errors import (
+    STATUS,
+    DeadlineExceededError,
+    ModelNotFoundError,
+    ServingError,
+    TooLargeError,
+    UnavailableError,
+)
 from serving.metrics import UNKNOWN_MODEL, Metrics, ModelMetrics
 from serving.repository import MODEL_FILE, PLATFORM, LoadedVersion, discover, load_version, run_seconds
 from serving.runtime import CUDA, DeviceUnavailableError, SessionSettings
@@ -38,6 +45,8 @@ class ServedVersion:
     metrics: ModelMetrics
     output_names: tuple[str, ...]
     max_batch_size: int  # reported in ModelConfig: 0 when the model has no batch axis
+    decoder: converters.InputDecoder
+    encoder: converters.ResponseEncoder
 
 
 class DataPlane:
@@ -66,6 +75,7 @@ class DataPlane:
         self._loaded = False
         self.draining = False
         self._last_refusal = 0.0  # loop time of the latest request refused while draining
+        self._resolved: dict[tuple[str, str], ServedVersion] = {}  # (name, version) as requested -> served
 
     # -- lifecycle ---------------------------------------------------------------------------------
 
@@ -129,8 +139,17 @@ class DataPlane:
             inline_rows=self._batch_rows(loaded) if inline else 0,
         )
         batcher.start()
-        served = ServedVersion(loaded, batcher, metrics, outputs, self._policy.max_batch_size if batchable else 0)
+        served = ServedVersion(
+            loaded,
+            batcher,
+            metrics,
+            outputs,
+            self._policy.max_batch_size if batchable else 0,
+            converters.InputDecoder(loaded.inputs),
+            converters.ResponseEncoder(loaded.model, loaded.version, loaded.outputs),
+        )
         self._models.setdefault(loaded.model, {})[loaded.version] = served
+        self._resolved.clear()
         latest = self._latest.get(loaded.model)
         if latest is None or int(loaded.version) > int(latest):
             self._latest[loaded.model] = loaded.version
@@ -261,33 +280,41 @@ class DataPlane:
 
     async def infer(self, request: pb.ModelInferRequest, time_remaining: float | None) -> pb.ModelInferResponse:
         """Runs one request through its model's batcher. `time_remaining`: seconds to the deadline."""
+        result = self.start_infer(request, time_remaining)
+        if type(result) is not pb.ModelInferResponse:
+            result = await result
+        return result
+
+    def start_infer(
+        self, request: pb.ModelInferRequest, time_remaining: float | None
+    ) -> pb.ModelInferResponse | Awaitable[pb.ModelInferResponse]:
+        """`infer` without the coroutine: the response itself when the model ran at once (inline
+        execution, nothing queued), else an awaitable of it. Raises serving.errors exceptions."""
         start = time.perf_counter()
-        try:
-            served = self.resolve(request.model_name, request.model_version)
-        except ServingError as exc:
-            known = request.model_name in self._models
-            self._metrics.failure(request.model_name if known else UNKNOWN_MODEL, UNKNOWN_MODEL, STATUS[type(exc)].name)
-            raise
+        served = self._resolved.get((request.model_name, request.model_version))
+        if served is None:
+            try:
+                served = self.resolve(request.model_name, request.model_version)
+            except ServingError as exc:
+                known = request.model_name in self._models
+                name = request.model_name if known else UNKNOWN_MODEL
+                self._metrics.failure(name, UNKNOWN_MODEL, STATUS[type(exc)].name)
+                raise
+            if len(self._resolved) < 1024:  # bounded: names come from clients
+                self._resolved[(request.model_name, request.model_version)] = served
         metrics = served.metrics
         try:
             if self.draining:
                 self._last_refusal = asyncio.get_running_loop().time()
                 raise UnavailableError("server is shutting down and takes no new requests; retry elsewhere")
-            loaded = served.loaded
-            arrays, rows = converters.decode_inputs(request, loaded.inputs)
-            wanted = converters.requested_outputs(request, loaded.outputs)
-            deadline = None
-            if time_remaining is not None:
-                deadline = asyncio.get_running_loop().time() + time_remaining
-            outputs = await served.batcher.submit(arrays, rows or 1, deadline)
-            results = dict(zip(served.output_names, outputs, strict=True))
-            size = sum(results[spec.name].nbytes for spec in wanted)
-            if size > self._max_message_bytes:
-                raise TooLargeError(
-                    f"the response would carry {size} bytes of outputs; the limit is {self._max_message_bytes} "
-                    "(--max-message-bytes); send fewer rows per request"
-                )
-            response = converters.encode_response(loaded.model, loaded.version, request.id, wanted, results)
+            arrays, rows = served.decoder.decode(request)
+            wanted = converters.requested_outputs(request, served.loaded.outputs)
+            if time_remaining is not None and time_remaining <= 0:
+                raise DeadlineExceededError("the request's deadline passed before it could run; it was not run")
+            outputs = served.batcher.run_now(arrays, rows or 1)
+            if outputs is None:
+                return self._finish_later(served, request, arrays, rows, wanted, time_remaining, start)
+            response = self._respond(served, request, wanted, outputs)
         except ServingError as exc:
             metrics.failure(STATUS[type(exc)].name)
             raise
@@ -297,3 +324,36 @@ class DataPlane:
         metrics.success.inc()
         metrics.request_seconds.observe(time.perf_counter() - start)
         return response
+
+    async def _finish_later(
+        self, served, request, arrays, rows, wanted, time_remaining, start
+    ) -> pb.ModelInferResponse:
+        """The queued path: waits for the batcher, then answers as `start_infer` does."""
+        metrics = served.metrics
+        try:
+            deadline = None
+            if time_remaining is not None:
+                deadline = asyncio.get_running_loop().time() + time_remaining
+            outputs = await served.batcher.submit(arrays, rows or 1, deadline)
+            response = self._respond(served, request, wanted, outputs)
+        except ServingError as exc:
+            metrics.failure(STATUS[type(exc)].name)
+            raise
+        except Exception:
+            metrics.failure("INTERNAL")
+            raise
+        metrics.success.inc()
+        metrics.request_seconds.observe(time.perf_counter() - start)
+        return response
+
+    def _respond(self, served: ServedVersion, request, wanted, outputs: list) -> pb.ModelInferResponse:
+        results = dict(zip(served.output_names, outputs, strict=True))
+        size = sum(output.nbytes for output in outputs)
+        if size > self._max_message_bytes:
+            size = sum(results[spec.name].nbytes for spec in wanted)
+        if size > self._max_message_bytes:
+            raise TooLargeError(
+                f"the response would carry {size} bytes of outputs; the limit is {self._max_message_bytes} "
+                "(--max-message-bytes); send fewer rows per request"
+            )
+        return served.encoder.encode(request.id, wanted, results)

@@ -187,6 +187,7 @@ async def start_server(config: ServerConfig) -> RunningServer:
     if grpc_port == 0:
         raise OSError(f"cannot listen on {config.host}:{config.port}")
     metrics_port = metrics.serve(config.host, config.metrics_port)
+    metrics.start()
     await server.start()
     running = RunningServer(config, server, plane, health, metrics, grpc_port, metrics_port)
     log.info("event=listening grpc=%s metrics=%s", running.address, running.metrics_address)

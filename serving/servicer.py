@@ -45,50 +45,63 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def ModelConfig(self, request, context):
         return self._plane.model_config(request.name, request.version)
 
-    @rpc_errors
     async def ModelInfer(self, request, context):
-        return await self._plane.infer(request, context.time_remaining())
+        # Not @rpc_errors: the same mapping inline, without a second coroutine per request.
+        try:
+            result = self._plane.start_infer(request, context.time_remaining())
+            if type(result) is not pb.ModelInferResponse:
+                result = await result
+            return result
+        except Exception as exc:
+            code, message = status_of(exc, "ModelInfer", request.id)
+        await context.abort(code, message)
 
     async def ModelStreamInfer(
         self, requests: AsyncIterator[pb.ModelInferRequest], context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[pb.ModelStreamInferResponse]:
-        """Runs the stream's requests concurrently (so they can share batches); answers as each finishes."""
-        answers: asyncio.Queue = asyncio.Queue()  # responses, then the number of requests read (an int)
+    ) -> None:
+        """Answers each request of the stream as it finishes, in-band errors included.
+
+        A request that runs at once (inline execution, nothing queued) is answered before the next is
+        read, without a task; one that must wait for its batch gets a task, so the stream's requests
+        can share batches. Writes are serialised: gRPC allows one message in flight per call.
+        """
+        plane = self._plane
+        write_lock = asyncio.Lock()
         tasks: set[asyncio.Task] = set()
 
-        async def answer(request: pb.ModelInferRequest) -> None:
-            try:
-                response = await self._plane.infer(request, context.time_remaining())
-                answers.put_nowait(pb.ModelStreamInferResponse(infer_response=response))
-            except Exception as exc:
-                code, message = status_of(exc, "ModelStreamInfer", request.id)
-                echo = pb.ModelInferResponse(model_name=request.model_name, id=request.id)
-                answers.put_nowait(
-                    pb.ModelStreamInferResponse(error_message=f"{code.name}: {message}", infer_response=echo)
-                )
+        async def send(response: pb.ModelStreamInferResponse) -> None:
+            async with write_lock:
+                await context.write(response)
 
-        async def read() -> None:
-            count = 0
+        async def answer_later(request: pb.ModelInferRequest, pending) -> None:
             try:
-                async for request in requests:
-                    task = asyncio.create_task(answer(request))
+                response = pb.ModelStreamInferResponse(infer_response=await pending)
+            except Exception as exc:
+                response = _stream_error(exc, request)
+            await send(response)
+
+        try:
+            async for request in requests:
+                try:
+                    result = plane.start_infer(request, context.time_remaining())
+                except Exception as exc:
+                    await send(_stream_error(exc, request))
+                    continue
+                if type(result) is pb.ModelInferResponse:
+                    await send(pb.ModelStreamInferResponse(infer_response=result))
+                else:
+                    task = asyncio.ensure_future(answer_later(request, result))
                     tasks.add(task)
                     task.add_done_callback(tasks.discard)
-                    count += 1
-            finally:
-                answers.put_nowait(count)
-
-        reader = asyncio.create_task(read())
-        sent, total = 0, None
-        try:
-            while total is None or sent < total:
-                item = await answers.get()
-                if isinstance(item, int):
-                    total = item
-                    continue
-                yield item
-                sent += 1
+            if tasks:
+                await asyncio.gather(*tasks)
         finally:
-            reader.cancel()
             for task in list(tasks):
                 task.cancel()
+
+
+def _stream_error(exc: Exception, request: pb.ModelInferRequest) -> pb.ModelStreamInferResponse:
+    """A failed request on a stream: its error travels in-band and the stream goes on."""
+    code, message = status_of(exc, "ModelStreamInfer", request.id)
+    echo = pb.ModelInferResponse(model_name=request.model_name, id=request.id)
+    return pb.ModelStreamInferResponse(error_message=f"{code.name}: {message}", infer_response=echo)
