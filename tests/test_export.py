@@ -9,7 +9,7 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from serving.cli import main
+from serving.cli import command_parser, main
 from trainer.export import export_state_dict
 from trainer.model import XorClassifier
 
@@ -146,7 +146,7 @@ def test_export_command_without_a_report_records_what_it_knows(tmp_path):
 
 def test_export_command_refuses_a_missing_state_dict(tmp_path, capsys):
     assert main(["export", str(tmp_path / "missing.pt"), "--out", str(tmp_path / "model.onnx")]) == 2
-    assert "does not exist" in capsys.readouterr().out
+    assert "does not exist" in capsys.readouterr().err
     assert not (tmp_path / "model.onnx").exists()
 
 
@@ -156,3 +156,49 @@ def test_export_command_names_the_model_after_its_repository_folder(tmp_path):
     assert main(["export", str(tmp_path / "state_dict.pt"), "--out", str(out)]) == 0
     props = {p.key: p.value for p in onnx.load(out).metadata_props}
     assert (props["model_name"], props["model_version"]) == ("adder", "7")
+
+
+def test_export_command_refuses_a_damaged_state_dict_in_one_line(tmp_path, capsys):
+    save_classifier(tmp_path / "full.pt", seed=6)
+    (tmp_path / "state_dict.pt").write_bytes((tmp_path / "full.pt").read_bytes()[:300])
+    assert main(["export", str(tmp_path / "state_dict.pt"), "--out", str(tmp_path / "model.onnx")]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert str(tmp_path / "state_dict.pt") in line and "not a readable state_dict" in line
+    assert not (tmp_path / "model.onnx").exists()
+
+
+def test_export_command_refuses_an_out_that_is_a_folder(tmp_path, capsys):
+    save_classifier(tmp_path / "state_dict.pt", seed=6)
+    assert main(["export", str(tmp_path / "state_dict.pt"), "--out", str(tmp_path)]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert "is a folder" in line and str(tmp_path / "model.onnx") in line
+
+
+@pytest.mark.parametrize(
+    ("content", "reason"),
+    [
+        ("{not json", "not readable JSON"),
+        ("[1, 2]", "holds a JSON list"),
+        ('{"settings": [1], "test_accuracy": 1.0}', "'settings' is a JSON list"),
+        ('{"settings": {}, "test_accuracy": "high"}', "'test_accuracy' is 'high'"),
+    ],
+)
+def test_export_command_refuses_a_malformed_report_in_one_line(tmp_path, capsys, content, reason):
+    save_classifier(tmp_path / "state_dict.pt", seed=6)
+    (tmp_path / "report.json").write_text(content)
+    assert main(["export", str(tmp_path / "state_dict.pt"), "--out", str(tmp_path / "model.onnx")]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert str(tmp_path / "report.json") in line and reason in line
+    assert not (tmp_path / "model.onnx").exists()
+
+
+def test_export_out_comes_from_xorserve_export_out_not_xorserve_out(tmp_path, monkeypatch):
+    monkeypatch.setenv("XORSERVE_OUT", str(tmp_path / "xor" / "1"))
+    monkeypatch.setenv("XORSERVE_EXPORT_OUT", str(tmp_path / "model.onnx"))
+    parser, _ = command_parser("export")
+    assert parser.parse_args(["state_dict.pt"]).out == tmp_path / "model.onnx"
+
+
+def test_export_writes_no_temporary_file_beside_the_model(exported):
+    _, folder, _ = exported
+    assert not [p.name for p in folder.iterdir() if p.name.startswith(".")]

@@ -59,3 +59,18 @@ def test_load_classifier_rejects_another_state_dict(tmp_path):
     torch.save({"weight": torch.zeros(3)}, tmp_path / "other.pt")
     with pytest.raises(ValueError, match="not a XorClassifier state_dict"):
         load_classifier(tmp_path / "other.pt")
+
+
+def test_load_classifier_reports_a_damaged_file_as_value_error_naming_it(tmp_path):
+    torch.save(seeded_classifier(2).state_dict(), tmp_path / "full.pt")
+    (tmp_path / "state_dict.pt").write_bytes((tmp_path / "full.pt").read_bytes()[:300])
+    with pytest.raises(ValueError, match="state_dict.pt: not a readable state_dict"):
+        load_classifier(tmp_path / "state_dict.pt")
+
+
+def test_load_classifier_rejects_tensors_of_the_wrong_shapes(tmp_path):
+    state_dict = seeded_classifier(3).state_dict()
+    state_dict["linear1.bias"] = torch.zeros(3)
+    torch.save(state_dict, tmp_path / "state_dict.pt")
+    with pytest.raises(ValueError, match="tensor shapes"):
+        load_classifier(tmp_path / "state_dict.pt")

@@ -10,7 +10,7 @@ import onnx
 import pytest
 import torch
 
-from serving.cli import main
+from serving.cli import command_parser, main
 from serving.runtime import DeviceUnavailableError, SessionSettings, open_session
 from trainer.export import export_state_dict
 from trainer.model import XorClassifier
@@ -97,7 +97,7 @@ def test_model_with_a_renamed_output_is_refused_with_the_reason(model_folder, tm
         node.output[:] = ["prob" if name == "probability" else name for name in node.output]
     onnx.save(model, folder / "model.onnx")
     assert main(["parity", str(folder), "--device", "cpu"]) == 2
-    message = capsys.readouterr().out
+    message = capsys.readouterr().err
     assert "does not match the contract" in message and "'prob'" in message and "'probability'" in message
 
 
@@ -110,12 +110,12 @@ def test_model_with_a_fixed_batch_size_is_refused(model_folder, tmp_path, capsys
         value.type.tensor_type.shape.dim[0].dim_value = 8
     onnx.save(model, folder / "model.onnx")
     assert main(["parity", str(folder), "--device", "cpu"]) == 2
-    assert "expected [-1, 2] (dynamic batch)" in capsys.readouterr().out
+    assert "expected [-1, 2] (dynamic batch)" in capsys.readouterr().err
 
 
 def test_folder_without_model_is_refused(tmp_path, capsys):
     assert main(["parity", str(tmp_path), "--device", "cpu"]) == 2
-    assert "model.onnx does not exist" in capsys.readouterr().out
+    assert "model.onnx does not exist" in capsys.readouterr().err
 
 
 def _outputs(logits):
@@ -148,7 +148,7 @@ def test_asking_for_cuda_without_cuda_exits_2(model_folder, cuda_available, caps
     if cuda_available:
         pytest.skip("ONNX Runtime has CUDA here")
     assert main(["parity", str(model_folder), "--device", "cuda"]) == 2
-    assert "--device cuda" in capsys.readouterr().out
+    assert "--device cuda" in capsys.readouterr().err
 
 
 def test_auto_without_cuda_checks_cpu_and_reports_cuda_not_run(model_folder, cuda_available):
@@ -216,3 +216,45 @@ def test_served_outputs_one_ulp_off_fail(model_folder, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "serving.client", module)
     assert main(["parity", str(model_folder), "--device", "cpu", "--url", "localhost:8001"]) == 1
     assert "bit-identical to in-process session on: NONE" in capsys.readouterr().out
+
+
+def copy_model_folder(model_folder, folder):
+    folder.mkdir()
+    for name in ("state_dict.pt", "model.onnx"):
+        shutil.copy(model_folder / name, folder / name)
+    return folder
+
+
+@pytest.mark.parametrize("damaged", ["model.onnx", "state_dict.pt"])
+def test_a_damaged_file_is_a_contract_error_in_one_line(model_folder, tmp_path, capsys, damaged):
+    folder = copy_model_folder(model_folder, tmp_path / "damaged")
+    (folder / damaged).write_bytes((folder / damaged).read_bytes()[:100])
+    assert main(["parity", str(folder), "--device", "cpu"]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith("xorserve parity: error: ") and str(folder / damaged) in line
+
+
+def test_a_state_dict_of_another_model_is_a_contract_error(model_folder, tmp_path, capsys):
+    folder = copy_model_folder(model_folder, tmp_path / "other")
+    torch.save({"weight": torch.zeros(3)}, folder / "state_dict.pt")
+    assert main(["parity", str(folder), "--device", "cpu"]) == 2
+    assert "not a XorClassifier state_dict" in capsys.readouterr().err
+
+
+def test_parity_url_and_json_come_from_parity_scoped_variables(tmp_path, monkeypatch):
+    # XORSERVE_URL is where `predict` sends points; it must not add a served path here.
+    monkeypatch.setenv("XORSERVE_URL", "127.0.0.1:1")
+    monkeypatch.setenv("XORSERVE_JSON", str(tmp_path / "other.json"))
+    parser, _ = command_parser("parity")
+    args = parser.parse_args(["models/xor/1"])
+    assert (args.url, args.json) == (None, None)
+    monkeypatch.setenv("XORSERVE_PARITY_URL", "127.0.0.1:8001")
+    monkeypatch.setenv("XORSERVE_PARITY_JSON", str(tmp_path / "parity.json"))
+    args = command_parser("parity")[0].parse_args(["models/xor/1"])
+    assert (args.url, args.json) == ("127.0.0.1:8001", tmp_path / "parity.json")
+
+
+def test_a_json_path_that_cannot_be_written_exits_2_in_one_line(model_folder, tmp_path, capsys):
+    assert main(["parity", str(model_folder), "--device", "cpu", "--json", str(tmp_path)]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert f"cannot write --json {tmp_path}" in line

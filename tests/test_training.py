@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.utils.data as data
 
-from serving.cli import main
+from serving.cli import command_parser, main
 from serving.runtime import DeviceUnavailableError
 from trainer.train import TrainSettings, eval_model, pick_device, train
 
@@ -141,3 +141,125 @@ def test_same_seed_gives_byte_identical_model_files(tmp_path):
         assert rc == 0
     for name in ("state_dict.pt", "model.onnx", "report.json"):
         assert (tmp_path / "first" / name).read_bytes() == (tmp_path / "second" / name).read_bytes(), name
+
+
+def test_settings_refuse_values_that_train_nothing():
+    with pytest.raises(ValueError, match="epochs=0 must be positive"):
+        TrainSettings(epochs=0)
+
+
+@pytest.mark.parametrize(
+    ("flag", "value"),
+    [
+        ("--lr", "-1"),
+        ("--lr", "nan"),
+        ("--batch-size", "0"),
+        ("--train-size", "0"),
+        ("--test-size", "0"),
+        ("--epochs", "0"),
+        ("--epochs", "-1"),
+        ("--std", "-1"),
+        ("--seed", "-1"),
+    ],
+)
+def test_train_refuses_a_bad_value_with_a_usage_error_naming_the_flag(tmp_path, capsys, flag, value):
+    out = tmp_path / "xor" / "1"
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "--out", str(out), "--device", "cpu", flag, value])
+    assert exit_info.value.code == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()[-1:]
+    assert f"argument {flag}:" in line
+    assert not out.parent.exists()
+
+
+def test_train_checks_a_value_from_the_environment_like_the_flag(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("XORSERVE_EPOCHS", "0")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "--out", str(tmp_path / "1"), "--device", "cpu"])
+    assert exit_info.value.code == 2
+    assert "argument --epochs: 0 is not a positive integer" in capsys.readouterr().err
+
+
+def test_train_out_comes_from_xorserve_train_out_not_xorserve_out(tmp_path, monkeypatch):
+    monkeypatch.setenv("XORSERVE_OUT", str(tmp_path / "export.onnx"))
+    monkeypatch.setenv("XORSERVE_TRAIN_OUT", str(tmp_path / "xor" / "1"))
+    parser, _ = command_parser("train")
+    assert parser.parse_args([]).out == tmp_path / "xor" / "1"
+
+
+def test_model_version_asked_of_a_server_does_not_change_what_train_records(monkeypatch):
+    # XORSERVE_MODEL_VERSION is the version `predict` and `score` ask for.
+    monkeypatch.setenv("XORSERVE_MODEL_VERSION", "7")
+    monkeypatch.setenv("XORSERVE_MODEL_NAME", "other")
+    parser, _ = command_parser("train")
+    args = parser.parse_args(["--out", "models/xor/1"])
+    assert (args.model_name, args.model_version) == (None, None)
+    monkeypatch.setenv("XORSERVE_TRAIN_MODEL_VERSION", "7")
+    assert command_parser("train")[0].parse_args(["--out", "models/xor/1"]).model_version == "7"
+
+
+@pytest.fixture
+def previous_folder(tmp_path):
+    """A version folder from an earlier run: what a failed or interrupted run must leave as it was."""
+    out = tmp_path / "repo" / "xor" / "1"
+    (out / "plots").mkdir(parents=True)
+    (out / "model.onnx").write_bytes(b"previous model")
+    (out / "plots" / "old.png").write_bytes(b"previous plot")
+    return out
+
+
+def folder_contents(folder):
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_a_run_that_fails_leaves_the_previous_folder_and_no_temporary_folder(previous_folder, monkeypatch):
+    before = folder_contents(previous_folder)
+
+    def failing_export(*args, **kwargs):
+        raise RuntimeError("export failed")
+
+    monkeypatch.setattr("trainer.pipeline.export_state_dict", failing_export)
+    with pytest.raises(RuntimeError, match="export failed"):
+        main(["train", "--out", str(previous_folder), "--epochs", "1", "--device", "cpu", "--no-plots"])
+    assert folder_contents(previous_folder) == before
+    assert [p.name for p in previous_folder.parent.iterdir()] == ["1"]
+
+
+def test_an_interrupted_run_exits_130_and_leaves_the_previous_folder(previous_folder, monkeypatch, capsys):
+    before = folder_contents(previous_folder)
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("trainer.pipeline.train", interrupted)
+    assert main(["train", "--out", str(previous_folder), "--device", "cpu"]) == 130
+    assert "interrupted" in capsys.readouterr().err
+    assert folder_contents(previous_folder) == before
+    assert [p.name for p in previous_folder.parent.iterdir()] == ["1"]
+
+
+def test_train_refuses_an_out_that_is_a_file(tmp_path, capsys):
+    (tmp_path / "1").write_text("not a folder")
+    assert main(["train", "--out", str(tmp_path / "1"), "--device", "cpu"]) == 2
+    assert "is a file" in capsys.readouterr().err
+    assert (tmp_path / "1").read_text() == "not a folder"
+
+
+@pytest.mark.slow
+def test_a_finished_run_replaces_the_folder_whole(previous_folder):
+    assert main(["train", "--out", str(previous_folder), "--epochs", "1", "--device", "cpu", "--no-plots"]) == 0
+    assert sorted(folder_contents(previous_folder)) == ["model.onnx", "report.json", "state_dict.pt"]
+    assert [p.name for p in previous_folder.parent.iterdir()] == ["1"]
+
+
+@pytest.mark.slow
+def test_a_parity_miss_still_writes_the_folder_records_the_miss_and_exits_1(previous_folder, monkeypatch):
+    from trainer import parity
+
+    def missed(folder, device):
+        return {**parity.run_parity(folder, device=device), "passed": False}
+
+    monkeypatch.setattr("trainer.pipeline.run_parity", missed)
+    assert main(["train", "--out", str(previous_folder), "--epochs", "1", "--device", "cpu", "--no-plots"]) == 1
+    assert json.loads((previous_folder / "report.json").read_text())["parity"]["passed"] is False
+    assert "plots/old.png" not in folder_contents(previous_folder)

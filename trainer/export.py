@@ -13,6 +13,9 @@ import contextlib
 import hashlib
 import json
 import logging
+import os
+import secrets
+import sys
 import warnings
 from pathlib import Path
 
@@ -180,7 +183,15 @@ def export_state_dict(
     onnx_model = to_onnx(model, metadata)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_bytes(onnx_model.SerializeToString())
+    # Written beside and renamed into place: a reader (a server loading the folder) never sees half a file.
+    # (Not tempfile: its files are private, 0600; this one gets the umask's mode, as a plain write would.)
+    partial = out.with_name(f".{out.name}.{secrets.token_hex(4)}.tmp")
+    try:
+        with partial.open("xb") as file:
+            file.write(onnx_model.SerializeToString())
+        os.replace(partial, out)
+    finally:
+        partial.unlink(missing_ok=True)
     log.info(
         "event=export_done out=%s bytes=%d opset=%d ir_version=%d sha256=%s",
         out,
@@ -194,37 +205,42 @@ def export_state_dict(
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("state_dict", type=Path, help="state_dict file saved by `xorserve train` (torch.save)")
-    out_default = env_default("out", None)
+    # Command-scoped variables: XORSERVE_OUT is a folder for other commands.
+    out_default = env_default("export_out", None)
     parser.add_argument(
         "--out",
         type=Path,
         default=out_default,
         required=out_default is None,
-        help="ONNX file to write, e.g. models/xor/2/model.onnx (env XORSERVE_OUT)",
+        help="ONNX file to write, e.g. models/xor/2/model.onnx (env XORSERVE_EXPORT_OUT)",
     )
     parser.add_argument(
         "--report",
         type=Path,
-        default=env_default("report", None),
+        default=env_default("export_report", None),
         help="report.json of the training run, for the provenance (seed, data set, epochs, lr, accuracy); "
-        "default: report.json beside STATE_DICT when there is one (env XORSERVE_REPORT)",
+        "default: report.json beside STATE_DICT when there is one (env XORSERVE_EXPORT_REPORT)",
     )
-    add_name_arguments(parser)
+    add_name_arguments(parser, "export")
 
 
-def add_name_arguments(parser: argparse.ArgumentParser) -> None:
-    """--model-name and --model-version: recorded in the metadata; `xorserve train` shares them."""
+def add_name_arguments(parser: argparse.ArgumentParser, command: str) -> None:
+    """--model-name and --model-version: recorded in the metadata; `xorserve train` shares them.
+
+    Their variables are XORSERVE_<COMMAND>_MODEL_NAME/_VERSION: XORSERVE_MODEL_VERSION means the version to
+    ask a server for in `predict` and `score`, and must not change what a training run records."""
+    prefix = command.upper()
     parser.add_argument(
         "--model-name",
-        default=env_default("model_name", None),
+        default=env_default(f"{command}_model_name", None),
         help="model name recorded (default: <model> when the output folder is <repository>/<model>/<version>, "
-        "else xor) (env XORSERVE_MODEL_NAME)",
+        f"else xor) (env XORSERVE_{prefix}_MODEL_NAME)",
     )
     parser.add_argument(
         "--model-version",
-        default=env_default("model_version", None),
+        default=env_default(f"{command}_model_version", None),
         help="model version recorded (default: <version> when the output folder is <repository>/<model>/<version>, "
-        "else 1) (env XORSERVE_MODEL_VERSION)",
+        f"else 1) (env XORSERVE_{prefix}_MODEL_VERSION)",
     )
 
 
@@ -233,26 +249,47 @@ def resolve_names(args: argparse.Namespace, folder: Path) -> tuple[str, str]:
     return args.model_name or name, args.model_version or version
 
 
+def read_provenance(report_path: Path) -> tuple[dict | None, float | None]:
+    """(settings, test_accuracy) from a report.json; ValueError, naming the file, when it is not one."""
+    try:
+        report = json.loads(report_path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"report {report_path} is not readable JSON: {exc}") from exc
+    if not isinstance(report, dict):
+        raise ValueError(f"report {report_path} holds a JSON {type(report).__name__}; expected an object")
+    training, test_accuracy = report.get("settings"), report.get("test_accuracy")
+    if training is not None and not isinstance(training, dict):
+        raise ValueError(f"report {report_path}: 'settings' is a JSON {type(training).__name__}; expected an object")
+    if test_accuracy is not None and (isinstance(test_accuracy, bool) or not isinstance(test_accuracy, int | float)):
+        raise ValueError(f"report {report_path}: 'test_accuracy' is {test_accuracy!r}; expected a number")
+    return training, test_accuracy
+
+
+def _fail(message: str) -> int:
+    print(f"xorserve export: error: {message}", file=sys.stderr)
+    return 2
+
+
 def run(args: argparse.Namespace) -> int:
     if not args.state_dict.is_file():
-        print(f"error: state_dict {args.state_dict} does not exist")
-        return 2
+        return _fail(f"state_dict {args.state_dict} does not exist")
+    if args.out.is_dir():
+        return _fail(f"--out {args.out} is a folder; expected the ONNX file to write, e.g. {args.out / 'model.onnx'}")
     report_path = args.report or args.state_dict.with_name("report.json")
     training, test_accuracy = None, None
-    if report_path.is_file():
-        report = json.loads(report_path.read_text())
-        training, test_accuracy = report.get("settings"), report.get("test_accuracy")
-        log.info("event=provenance_from report=%s", report_path)
-    elif args.report:
-        print(f"error: report {args.report} does not exist")
-        return 2
-    else:
-        log.info("event=provenance_partial reason=no_report_json")
     try:
+        if report_path.is_file():
+            training, test_accuracy = read_provenance(report_path)
+            log.info("event=provenance_from report=%s", report_path)
+        elif args.report:
+            return _fail(f"report {args.report} does not exist")
+        else:
+            log.info("event=provenance_partial reason=no_report_json")
         name, version = resolve_names(args, args.out.parent)
         out = export_state_dict(args.state_dict, args.out, name, version, training, test_accuracy)
     except ValueError as exc:
-        print(f"error: {exc}")
-        return 2
+        return _fail(str(exc).strip().splitlines()[0])
+    except OSError as exc:
+        return _fail(f"cannot write --out {args.out}: {exc.strerror or exc}")
     print(f"wrote {out} ({out.stat().st_size} bytes, opset {OPSET}, sha256 {sha256_file(out)})")
     return 0

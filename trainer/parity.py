@@ -11,8 +11,8 @@ label agreement (probability >= 0.5, logits >= 0). A path passes when the max ab
 must equal the in-process ONNX Runtime session's bit for bit.
 
 Exit status: 0 every gating path passes; 1 a path misses; 2 the model folder does not match the
-contract (files, input/output names, types, shapes), the device asked for cannot be had, or the
-server fails a request.
+contract (files missing or damaged, input/output names, types, shapes), the device asked for cannot be
+had, the server fails a request, or --json cannot be written: one line on stderr naming what is wrong.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -44,6 +45,20 @@ ONNX_FLOAT = "tensor(float)"
 
 class ContractError(Exception):
     """The model folder is not what the parity check (and the server) expect; the message says why."""
+
+
+def one_line(exc: BaseException) -> str:
+    """The first line of an exception's message: what the CLI prints, never a traceback."""
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else type(exc).__name__
+
+
+def _onnx_load_errors() -> tuple[type[Exception], ...]:
+    """What ONNX Runtime raises for a file that is not a loadable model (damaged, empty, invalid graph)."""
+    from onnxruntime.capi import onnxruntime_pybind11_state as ort_state
+
+    names = ("Fail", "InvalidArgument", "InvalidGraph", "InvalidProtobuf", "NoModel", "NotImplemented")
+    return tuple(getattr(ort_state, name) for name in names if hasattr(ort_state, name))
 
 
 def parity_points(grid_size: int = GRID_SIZE, random_points: int = RANDOM_POINTS, seed: int = RANDOM_SEED):
@@ -199,6 +214,9 @@ def run_parity(
                 raise
             unavailable.append({"path": name, "reason": str(exc).splitlines()[0]})
             continue
+        except _onnx_load_errors() as exc:
+            # The CPU session comes first, so a damaged file is reported here, not as a missing device.
+            raise ContractError(f"{onnx_path}: not a loadable ONNX model: {one_line(exc)}") from exc
         check_contract(session)
         result = compare(reference, run_session(session, points))
         provider = primary_provider(session)
@@ -287,7 +305,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "model_dir", type=Path, help="model folder holding model.onnx and state_dict.pt, e.g. models/xor/1"
     )
     parser.add_argument(
-        "--json", type=Path, default=env_default("json", None), help="also write the result here (env XORSERVE_JSON)"
+        "--json",
+        type=Path,
+        default=env_default("parity_json", None),
+        help="also write the result here (env XORSERVE_PARITY_JSON)",
     )
     parser.add_argument(
         "--device",
@@ -298,9 +319,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--url",
-        default=env_default("url", None),
+        # Not XORSERVE_URL: set for `predict`, it would silently add a served path here.
+        default=env_default("parity_url", None),
         help="HOST:PORT of a running server: add the served path, which must equal in-process ONNX Runtime "
-        "bit for bit (env XORSERVE_URL)",
+        "bit for bit (env XORSERVE_PARITY_URL)",
     )
     parser.add_argument(
         "--model",
@@ -328,12 +350,16 @@ def run(args: argparse.Namespace) -> int:
             args.model_dir, device=args.device, url=args.url, served_model=model, served_version=version
         )
     except failures as exc:
-        print(f"error: {exc}")
+        print(f"xorserve parity: error: {one_line(exc)}", file=sys.stderr)
         return 2
     print(f"parity: {args.model_dir}")
     print(format_table(result))
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"model_dir": str(args.model_dir), **result}, indent=2) + "\n")
+        try:
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            args.json.write_text(json.dumps({"model_dir": str(args.model_dir), **result}, indent=2) + "\n")
+        except OSError as exc:
+            print(f"xorserve parity: error: cannot write --json {args.json}: {exc.strerror or exc}", file=sys.stderr)
+            return 2
         print(f"wrote {args.json}")
     return 0 if result["passed"] else 1

@@ -2,7 +2,11 @@
 report.json and the plots: everything a model-repository version folder (<repo>/<model>/<version>/) holds.
 
 Same seed, same settings, same machine: the same state_dict.pt and model.onnx, byte for byte.
-Exit status: 0 when parity passes, 1 when it misses, 2 when the device asked for cannot be had.
+Everything is written into a hidden sibling of the folder (.<name>.<random>.tmp) that replaces the folder
+only once the run has finished, so a failed or interrupted run leaves the previous folder as it was.
+Exit status: 0 when parity passes, 1 when it misses (the folder is still written: its report.json records
+the miss), 2 when the device asked for cannot be had or the folder cannot be written, 130 when interrupted;
+a bad option value exits 2 with argparse's message.
 """
 
 from __future__ import annotations
@@ -10,6 +14,12 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
+import os
+import secrets
+import shutil
+import sys
+import tempfile
 from pathlib import Path
 
 import torch
@@ -18,7 +28,7 @@ from serving.cli import env_default
 from trainer.export import OPSET, add_name_arguments, export_state_dict, resolve_names, sha256_file
 from trainer.model import architecture
 from trainer.parity import format_table, run_parity
-from trainer.train import TrainSettings, train
+from trainer.train import MAX_SEED, TrainSettings, train
 
 log = logging.getLogger(__name__)
 
@@ -75,51 +85,110 @@ def build_report(model_name, model_version, settings, result, parity, out: Path)
     }
 
 
+def _integer(text: str, low: int, what: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < low:
+        raise argparse.ArgumentTypeError(f"{value} is not {what}")
+    return value
+
+
+def positive_int(text: str) -> int:
+    return _integer(text, 1, "a positive integer")
+
+
+def seed_int(text: str) -> int:
+    value = _integer(text, 0, f"a seed from 0 to {MAX_SEED}")
+    if value > MAX_SEED:
+        raise argparse.ArgumentTypeError(f"{value} is not a seed from 0 to {MAX_SEED}")
+    return value
+
+
+def _finite(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+    return value
+
+
+def positive_float(text: str) -> float:
+    value = _finite(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{value:g} is not a positive number")
+    return value
+
+
+def non_negative_float(text: str) -> float:
+    value = _finite(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{value:g} is not zero or a positive number")
+    return value
+
+
+def _env_text(name: str, default):
+    """XORSERVE_<NAME> as text when set, else the default: argparse then checks it with the flag's type."""
+    value = env_default(name, None)
+    return default if value is None else value
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     defaults = TrainSettings()
-    out_default = env_default("out", None)
+    # Command-scoped variable: XORSERVE_OUT is a file for `export` and a results folder for `demo`.
+    out_default = env_default("train_out", None)
     parser.add_argument(
         "--out",
         type=Path,
         default=out_default,
         required=out_default is None,
-        help="folder to write, a model-repository version folder such as models/xor/1 (env XORSERVE_OUT)",
+        help="folder to write, a model-repository version folder such as models/xor/1; replaced only when the "
+        "run finishes (env XORSERVE_TRAIN_OUT)",
     )
     parser.add_argument(
-        "--seed", type=int, default=env_default("seed", defaults.seed), help="random seed (env XORSERVE_SEED)"
+        "--seed",
+        type=seed_int,
+        default=_env_text("seed", defaults.seed),
+        help="random seed (env XORSERVE_SEED)",
     )
     parser.add_argument(
         "--epochs",
-        type=int,
-        default=env_default("epochs", defaults.epochs),
+        type=positive_int,
+        default=_env_text("epochs", defaults.epochs),
         help="training epochs (env XORSERVE_EPOCHS)",
     )
     parser.add_argument(
-        "--lr", type=float, default=env_default("lr", defaults.lr), help="SGD learning rate (env XORSERVE_LR)"
+        "--lr",
+        type=positive_float,
+        default=_env_text("lr", defaults.lr),
+        help="SGD learning rate (env XORSERVE_LR)",
     )
     parser.add_argument(
         "--batch-size",
-        type=int,
-        default=env_default("batch_size", defaults.batch_size),
+        type=positive_int,
+        default=_env_text("batch_size", defaults.batch_size),
         help="batch size (env XORSERVE_BATCH_SIZE)",
     )
     parser.add_argument(
         "--train-size",
-        type=int,
-        default=env_default("train_size", defaults.train_size),
+        type=positive_int,
+        default=_env_text("train_size", defaults.train_size),
         help="training points (env XORSERVE_TRAIN_SIZE)",
     )
     parser.add_argument(
         "--test-size",
-        type=int,
-        default=env_default("test_size", defaults.test_size),
+        type=positive_int,
+        default=_env_text("test_size", defaults.test_size),
         help="test points (env XORSERVE_TEST_SIZE)",
     )
     parser.add_argument(
         "--std",
-        type=float,
-        default=env_default("std", defaults.std),
-        help="std of the Gaussian noise (env XORSERVE_STD)",
+        type=non_negative_float,
+        default=_env_text("std", defaults.std),
+        help="std of the Gaussian noise, 0 for none (env XORSERVE_STD)",
     )
     parser.add_argument(
         "--device",
@@ -128,7 +197,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="train on CUDA when PyTorch sees one (auto) or on the device named; parity uses the same choice "
         "(env XORSERVE_DEVICE)",
     )
-    add_name_arguments(parser)
+    add_name_arguments(parser, "train")
     parser.add_argument(
         "--no-plots",
         action="store_true",
@@ -137,26 +206,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def run(args: argparse.Namespace) -> int:
+def _fail(message: str) -> int:
+    print(f"xorserve train: error: {message}", file=sys.stderr)
+    return 2
+
+
+def write_folder(args: argparse.Namespace, settings: TrainSettings, names: tuple[str, str], out: Path) -> int:
+    """Train, save, export, check parity, plot and report into `out` (an empty folder); the exit status."""
     from serving.runtime import DeviceUnavailableError
 
-    settings = TrainSettings(
-        seed=args.seed,
-        epochs=args.epochs,
-        lr=args.lr,
-        batch_size=args.batch_size,
-        train_size=args.train_size,
-        test_size=args.test_size,
-        std=args.std,
-    )
-    out: Path = args.out
-    out.mkdir(parents=True, exist_ok=True)
-    model_name, model_version = resolve_names(args, out)
+    model_name, model_version = names
     try:
         result = train(settings, device=args.device)
     except DeviceUnavailableError as exc:
-        print(f"error: {exc}")
-        return 2
+        return _fail(str(exc))
     print(f"Test accuracy: {100.0 * result.test_accuracy:4.2f}% ({len(result.test_dataset)} test points)")
 
     # torch.save names the records inside the file after the file, so always write it under its final name.
@@ -172,17 +235,72 @@ def run(args: argparse.Namespace) -> int:
     try:
         parity = run_parity(out, device=args.device)
     except DeviceUnavailableError as exc:
-        print(f"error: {exc}")
-        return 2
+        return _fail(str(exc))
     print(format_table(parity))
 
     if not args.no_plots:
-        for path in write_plots(result, out):
-            log.info("event=plot_written path=%s", path)
+        write_plots(result, out)
 
     report = build_report(model_name, model_version, settings, result, parity, out)
     (out / REPORT).write_text(json.dumps(report, indent=2) + "\n")
-    print(
-        f"wrote {out / STATE_DICT}, {out / MODEL}, {out / REPORT}" + ("" if args.no_plots else f", {out / PLOTS}/*.png")
-    )
     return 0 if parity["passed"] else 1
+
+
+def replace_folder(staging: Path, target: Path) -> None:
+    """Put `staging` where `target` is. The old folder is moved aside first and deleted last, so at every
+    moment one complete folder exists (for an instant, only under its hidden name)."""
+    if not target.exists():
+        os.rename(staging, target)
+        return
+    aside = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.", suffix=".old"))
+    os.rename(target, aside / target.name)
+    try:
+        os.rename(staging, target)
+    except BaseException:
+        # Should this fail too, the old folder stays in `aside` rather than being lost.
+        os.rename(aside / target.name, target)
+        aside.rmdir()
+        raise
+    shutil.rmtree(aside, ignore_errors=True)
+
+
+def run(args: argparse.Namespace) -> int:
+    settings = TrainSettings(
+        seed=args.seed,
+        epochs=args.epochs,
+        lr=args.lr,
+        batch_size=args.batch_size,
+        train_size=args.train_size,
+        test_size=args.test_size,
+        std=args.std,
+    )
+    # A link is followed, so the folder it points to is the one replaced.
+    target: Path = args.out.resolve() if args.out.is_symlink() else args.out
+    if target.exists() and not target.is_dir():
+        return _fail(f"--out {args.out} is a file; expected the folder to write, e.g. models/xor/1")
+    names = resolve_names(args, target)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        # Hidden, so that a server scanning the repository for versions never takes it for one.
+        staging = target.parent / f".{target.name}.{secrets.token_hex(4)}.tmp"
+        staging.mkdir()
+    except OSError as exc:
+        return _fail(f"cannot write --out {args.out}: {exc.strerror or exc}")
+    try:
+        status = write_folder(args, settings, names, staging)
+        if status in (0, 1):
+            replace_folder(staging, target)
+    except KeyboardInterrupt:
+        print(f"xorserve train: interrupted; {args.out} left as it was", file=sys.stderr)
+        return 130
+    except OSError as exc:
+        return _fail(f"cannot write --out {args.out}: {exc.strerror or exc}")
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    if status in (0, 1):
+        for path in sorted((args.out / PLOTS).glob("*.png")) if not args.no_plots else []:
+            log.info("event=plot_written path=%s", path)
+        written = [args.out / STATE_DICT, args.out / MODEL, args.out / REPORT]
+        plots = "" if args.no_plots else f", {args.out / PLOTS}/*.png"
+        print("wrote " + ", ".join(map(str, written)) + plots)
+    return status

@@ -20,6 +20,8 @@ DEVICES = ("auto", "cpu", "cuda")
 # The test set is drawn with seed + TEST_SEED_OFFSET, so it never coincides with the training set
 # of another seed below 2**32.
 TEST_SEED_OFFSET = 2**32
+# torch's generators take seeds below 2**64, and the test set's seed is seed + TEST_SEED_OFFSET.
+MAX_SEED = 2**64 - 1 - TEST_SEED_OFFSET
 
 
 @dataclass(frozen=True)
@@ -33,6 +35,20 @@ class TrainSettings:
     train_size: int = 2500
     test_size: int = 500
     std: float = 0.1
+
+    def __post_init__(self) -> None:
+        # Zero epochs or points, or a negative rate or noise, would train nothing and report nonsense.
+        problems = [
+            f"{name}={getattr(self, name)!r} must be positive"
+            for name in ("epochs", "lr", "batch_size", "train_size", "test_size")
+            if not getattr(self, name) > 0
+        ]
+        if not self.std >= 0:
+            problems.append(f"std={self.std!r} must be zero or positive")
+        if not 0 <= self.seed <= MAX_SEED:
+            problems.append(f"seed={self.seed!r} must be from 0 to {MAX_SEED}")
+        if problems:
+            raise ValueError("invalid training settings: " + "; ".join(problems))
 
     def as_dict(self) -> dict:
         return asdict(self)
