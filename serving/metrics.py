@@ -11,13 +11,16 @@ FLUSH_S and before each scrape. A prometheus_client histogram observation costs 
 a Python loop over the buckets), several per request; an append costs 0.05 us.
 
 With several worker processes (`multiprocess=True`), prometheus_client's multiprocess mode keeps the
-values in files under PROMETHEUS_MULTIPROC_DIR and the parent serves their sum; each worker flushes
-on its timer (the parent cannot ask it to before a scrape).
+values in files under PROMETHEUS_MULTIPROC_DIR (set before prometheus_client is first imported) and
+the parent serves their sum; each worker flushes on its timer (the parent cannot ask it to before a
+scrape), so a scrape may lag by FLUSH_S. Each worker also reports its own count of answered requests,
+`xorserve_worker_inference_success{pid=...}` (a gauge, because counters are summed over processes).
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
 import threading
 from collections.abc import Callable
 
@@ -114,6 +117,8 @@ class ModelMetrics:
         )
         self._queue_depth_gauge = m._queue_depth.labels(*labels)
         self._multiprocess = m.multiprocess
+        self._worker_success = m._worker_success.labels(*labels) if m._worker_success is not None else None
+        self._answered = 0
         self._queue_depth: Callable[[], int] | None = None
         self._failures = m._failure
         self._labels = labels
@@ -135,6 +140,9 @@ class ModelMetrics:
             self._queue_depth_gauge.set_function(depth)
 
     def flush(self) -> None:
+        if self._worker_success is not None and self.success.count:
+            self._answered += self.success.count
+            self._worker_success.set(self._answered)
         for part in self._parts:
             part.flush()
         if self._multiprocess and self._queue_depth is not None:
@@ -159,6 +167,10 @@ class Metrics:
     """The server's metrics; `serve(host, port)` exposes them as text on GET /metrics."""
 
     def __init__(self, max_batch_size: int, multiprocess: bool = False) -> None:
+        if multiprocess and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+            raise ValueError(
+                "multiprocess metrics need PROMETHEUS_MULTIPROC_DIR set before prometheus_client is imported"
+            )
         self.registry = CollectorRegistry()
         self.multiprocess = multiprocess
         self.registry.register(_FlushBeforeScrape(self))
@@ -223,6 +235,19 @@ class Metrics:
             (*labels, "provider"),
             registry=self.registry,
             multiprocess_mode="livemax",
+        )
+        # Per worker (the multiprocess collector adds a pid label); a dead worker's series goes, its
+        # requests stay counted in xorserve_inference_success.
+        self._worker_success = (
+            Gauge(
+                "xorserve_worker_inference_success",
+                "Inference requests this worker process answered OK (pid label; with --workers > 1 only)",
+                labels,
+                registry=self.registry,
+                multiprocess_mode="liveall",
+            )
+            if multiprocess
+            else None
         )
         self._http = None
         self._thread: threading.Thread | None = None
