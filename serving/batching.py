@@ -11,6 +11,15 @@ requests (UNAVAILABLE). With batching disabled each request is its own batch.
 
 Batches are formed on the event loop when something changes (a request arrives, an instance frees
 up, the oldest request's delay runs out): no task or timer per request, at most one timer at a time.
+
+Inline execution (a model so small that a batch runs faster than a hand-over to a thread) with batching
+on and no queue delay coalesces while the event loop is busy: a request is held while the loop has
+other callbacks ready to run (other requests are on their way through gRPC), and what was held runs as
+one batch as soon as the loop has nothing else ready, the batch is full, or the oldest request has
+waited COALESCE_MAX_S. On a loaded single core an ONNX Runtime call costs 20 to 50 us of the event loop
+(10 times its cost in a warm loop), so one call per batch instead of one per request is what lets the
+server keep up with the gRPC ceiling (docs/benchmarks.md). A request that finds the loop idle (a lone
+client) runs at once: it never waits for company that is not coming.
 """
 
 from __future__ import annotations
@@ -31,6 +40,9 @@ from serving.errors import DeadlineExceededError, UnavailableError
 from serving.metrics import ModelMetrics
 
 log = logging.getLogger(__name__)
+
+# How long coalescing may hold a request while the event loop stays busy (see the module docstring).
+COALESCE_MAX_S = 0.002
 
 
 @dataclass(frozen=True)
@@ -60,6 +72,53 @@ class _Request:
         self.future: asyncio.Future = future
 
 
+class Coalescer:
+    """Holds the coalescing batchers of one event loop until the loop has nothing else ready to run.
+
+    One scheduled callback serves every batcher, so that batchers of different models never take each
+    other's end-of-turn callbacks for work still to come."""
+
+    def __init__(self) -> None:
+        self._waiting: list[Batcher] = []
+        self._handle: asyncio.Handle | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._ready = (True,)
+
+    def bind(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        # asyncio's selector loops keep their ready callbacks in `_ready` (a deque); without one, assume a
+        # busy loop (held requests then run when their batch is full or COALESCE_MAX_S old).
+        self._ready = getattr(loop, "_ready", (True,))
+
+    def hold(self, batcher: Batcher) -> None:
+        """Called by `batcher` with a request held: its batch runs once the loop is idle (or full, or old)."""
+        if batcher not in self._waiting:
+            self._waiting.append(batcher)
+        if self._handle is None:
+            self._handle = self._loop.call_soon(self._end_turn)
+
+    def busy(self) -> bool:
+        """True when the loop has other callbacks ready: another request may be on its way."""
+        return bool(self._ready)
+
+    def cancel(self, batcher: Batcher) -> None:
+        if batcher in self._waiting:
+            self._waiting.remove(batcher)
+
+    def _end_turn(self) -> None:
+        self._handle = None
+        busy = bool(self._ready)
+        now = self._loop.time()
+        waiting, self._waiting = self._waiting, []
+        for batcher in waiting:
+            if busy and batcher._may_hold(now):
+                self._waiting.append(batcher)
+            else:
+                batcher._dispatch()
+        if self._waiting:
+            self._handle = self._loop.call_soon(self._end_turn)
+
+
 class Batcher:
     """Batches requests for `sessions` (one per instance); `submit` returns a future of the outputs.
 
@@ -81,6 +140,7 @@ class Batcher:
         policy: BatchPolicy,
         metrics: ModelMetrics | None = None,
         inline_rows: int = 0,
+        coalescer: Coalescer | None = None,
     ) -> None:
         self.name = name
         self._inline_rows = inline_rows
@@ -108,6 +168,9 @@ class Batcher:
         self._idle: list[int] = []
         self._inboxes: list[queue.SimpleQueue] = []
         self._threads: list[threading.Thread] = []
+        # Per-turn coalescing of inline batches (see the module docstring).
+        self._coalesce = policy.enabled and not self._delay and inline_rows > 0
+        self._coalescer = coalescer or Coalescer()
 
     @property
     def queued(self) -> int:
@@ -115,6 +178,7 @@ class Batcher:
 
     def start(self) -> None:
         self._loop = asyncio.get_running_loop()
+        self._coalescer.bind(self._loop)
         self._drained = asyncio.Event()
         for index, session in enumerate(self._sessions):
             inbox: queue.SimpleQueue = queue.SimpleQueue()
@@ -130,10 +194,17 @@ class Batcher:
 
     def run_now(self, inputs: dict[str, np.ndarray], rows: int) -> list[np.ndarray] | None:
         """Runs one request at once on the event loop and returns its outputs, when that is what
-        `submit` would do anyway: inline execution, no queue delay, nothing queued ahead of it.
-        Otherwise returns None (the caller submits). Saves the future and queue entry of `submit`.
+        `submit` would do anyway: inline execution, no queue delay, nothing queued ahead of it and, when
+        coalescing per turn, nothing else ready to run in this turn of the loop (another request may
+        come). Otherwise returns None (the caller submits). Saves the future and queue entry of `submit`.
         Raises what the session raises."""
-        if rows > self._inline_rows or self._pending or self._delay or self._closing:
+        if (
+            rows > self._inline_rows
+            or self._pending
+            or self._delay
+            or self._closing
+            or (self._coalesce and rows < self._max_rows and self._coalescer.busy())
+        ):
             return None
         metrics = self._metrics
         if metrics is not None:
@@ -166,9 +237,26 @@ class Batcher:
         future = loop.create_future()
         self._pending.append(_Request(inputs, rows, deadline, loop.time(), future))
         self._pending_rows += rows
-        if self._idle or self._inline_rows:
+        if self._coalesce and rows <= self._inline_rows:
+            self._coalescer.hold(self)
+        elif self._idle or self._inline_rows:
             self._dispatch()
         return future
+
+    def answers_soon(self, rows: int) -> bool:
+        """True when a request of `rows` rows submitted now is held for coalescing (it runs within
+        COALESCE_MAX_S unless queued behind a larger one): awaiting it in line costs less than a task."""
+        return self._coalesce and rows <= self._inline_rows
+
+    def _may_hold(self, now: float) -> bool:
+        """Whether the held requests may wait for company: room left and the oldest young enough."""
+        pending = self._pending
+        return (
+            bool(pending)
+            and not self._closing
+            and self._pending_rows < self._max_rows
+            and now - pending[0].enqueued < COALESCE_MAX_S
+        )
 
     def _dispatch(self) -> None:
         """Runs or hands out batches while the next batch may close and something can run it."""
@@ -199,7 +287,7 @@ class Batcher:
         try:
             feeds = self._feeds(batch)
             start = time.perf_counter()
-            outputs = self._sessions[0].run(self._output_names, feeds)
+            outputs = self._run_first(self._output_names, feeds, None)
             elapsed = time.perf_counter() - start
         except Exception as exc:  # reported to each caller
             error = exc
@@ -309,6 +397,7 @@ class Batcher:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+        self._coalescer.cancel(self)
         while self._pending:
             request = self._pending.popleft()
             if not request.future.done():

@@ -223,7 +223,7 @@ def encode_response(
 class _Signature:
     """What a validated single-input request looked like, so the next one like it skips re-validation."""
 
-    __slots__ = ("name", "shape", "nbytes", "dtype", "rows", "floating")
+    __slots__ = ("name", "shape", "nbytes", "dtype", "rows", "floating", "top_byte", "suspects")
 
     def __init__(self, spec: TensorSpec, shape: tuple[int, ...], rows: int) -> None:
         self.name = spec.name
@@ -232,6 +232,8 @@ class _Signature:
         self.nbytes = math.prod(shape) * self.dtype.itemsize
         self.rows = rows
         self.floating = spec.datatype in FLOAT_DATATYPES
+        self.top_byte = self.dtype.itemsize - 1  # little-endian: sign and high exponent bits come last
+        self.suspects = _NON_FINITE_TOP_BYTES.get(spec.datatype, ())
 
 
 class InputDecoder:
@@ -260,7 +262,7 @@ class InputDecoder:
                 raw = raws[0]
                 if signature is not None and len(raw) == signature.nbytes and not tensor.HasField("contents"):
                     array = np.frombuffer(raw, signature.dtype).reshape(signature.shape)
-                    if not signature.floating or _surely_finite(array):
+                    if not signature.floating or _surely_finite_raw(raw, signature) or _surely_finite(array):
                         return {signature.name: array}, signature.rows
                 arrays, rows = decode_inputs(request, self._specs)
                 if signature is None:
@@ -269,6 +271,27 @@ class InputDecoder:
                     self._signatures[key] = _Signature(self._specs[0], key[2], rows)
                 return arrays, rows
         return decode_inputs(request, self._specs)
+
+
+# The top byte (sign bit and high exponent bits, last in little-endian) of every NaN or infinity, by
+# datatype: its exponent bits are all ones. FP32 and FP64 share their top byte with the largest finite
+# values (above 1.7e38 and 2.7e303), which is why a match is only a suspicion.
+_NON_FINITE_TOP_BYTES = {
+    "FP16": tuple(bytes([b]) for b in (0x7C, 0x7D, 0x7E, 0x7F, 0xFC, 0xFD, 0xFE, 0xFF)),
+    "FP32": (b"\x7f", b"\xff"),
+    "FP64": (b"\x7f", b"\xff"),
+}
+
+
+def _surely_finite_raw(raw: bytes, signature: _Signature) -> bool:
+    """True when no value of the raw little-endian floats can be NaN or infinite: no top byte is one that
+    a non-finite value has (False may still be finite: the caller then checks exactly).
+
+    Works on bytes (a strided slice and a memchr per suspect byte), holding the GIL: numpy releases it
+    for arrays of 500 elements or more, and each release costs tens of microseconds of a loaded
+    single-core server (docs/benchmarks.md); on tiny arrays it is also faster than np.isfinite."""
+    tops = raw[signature.top_byte :: signature.top_byte + 1]
+    return not any(suspect in tops for suspect in signature.suspects)
 
 
 def _surely_finite(array: np.ndarray) -> bool:

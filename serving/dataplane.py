@@ -17,7 +17,7 @@ from pathlib import Path
 from serving import converters
 from serving._proto import grpc_service_pb2 as pb
 from serving._proto import model_config_pb2 as mc
-from serving.batching import Batcher, BatchPolicy
+from serving.batching import Batcher, BatchPolicy, Coalescer
 from serving.errors import (
     STATUS,
     DeadlineExceededError,
@@ -34,6 +34,19 @@ log = logging.getLogger(__name__)
 
 SERVER_NAME = "xorserve"
 EXTENSIONS = ("model_configuration", "streaming")
+
+
+class Prompt:
+    """An answer the batcher gives soon (a request held for coalescing with the others the event loop
+    is busy with, see serving.batching): a stream awaits it in line instead of starting a task for it."""
+
+    __slots__ = ("_answer",)
+
+    def __init__(self, answer: Awaitable[pb.ModelInferResponse]) -> None:
+        self._answer = answer
+
+    def __await__(self):
+        return self._answer.__await__()
 
 
 @dataclass
@@ -76,6 +89,7 @@ class DataPlane:
         self.draining = False
         self._last_refusal = 0.0  # loop time of the latest request refused while draining
         self._resolved: dict[tuple[str, str], ServedVersion] = {}  # (name, version) as requested -> served
+        self._coalescer = Coalescer()  # shared by every model's batcher: one end-of-turn check for all
 
     # -- lifecycle ---------------------------------------------------------------------------------
 
@@ -137,6 +151,7 @@ class DataPlane:
             policy,
             metrics,
             inline_rows=self._batch_rows(loaded) if inline else 0,
+            coalescer=self._coalescer,
         )
         batcher.start()
         served = ServedVersion(
@@ -289,7 +304,8 @@ class DataPlane:
         self, request: pb.ModelInferRequest, time_remaining: float | None
     ) -> pb.ModelInferResponse | Awaitable[pb.ModelInferResponse]:
         """`infer` without the coroutine: the response itself when the model ran at once (inline
-        execution, nothing queued), else an awaitable of it. Raises serving.errors exceptions."""
+        execution, nothing queued, the event loop otherwise idle), else an awaitable of it (a `Prompt`
+        when it is held for coalescing). Raises serving.errors exceptions."""
         start = time.perf_counter()
         served = self._resolved.get((request.model_name, request.model_version))
         if served is None:
@@ -311,9 +327,11 @@ class DataPlane:
             wanted = converters.requested_outputs(request, served.loaded.outputs)
             if time_remaining is not None and time_remaining <= 0:
                 raise DeadlineExceededError("the request's deadline passed before it could run; it was not run")
-            outputs = served.batcher.run_now(arrays, rows or 1)
+            batcher = served.batcher
+            outputs = batcher.run_now(arrays, rows or 1)
             if outputs is None:
-                return self._finish_later(served, request, arrays, rows, wanted, time_remaining, start)
+                later = self._finish_later(served, request, arrays, rows, wanted, time_remaining, start)
+                return Prompt(later) if batcher.answers_soon(rows or 1) else later
             response = self._respond(served, request, wanted, outputs)
         except ServingError as exc:
             metrics.failure(STATUS[type(exc)].name)

@@ -13,7 +13,7 @@ import grpc
 
 from serving._proto import grpc_service_pb2 as pb
 from serving._proto import grpc_service_pb2_grpc as pb_grpc
-from serving.dataplane import DataPlane
+from serving.dataplane import DataPlane, Prompt
 from serving.errors import rpc_errors, status_of
 
 
@@ -61,9 +61,10 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     ) -> None:
         """Answers each request of the stream as it finishes, in-band errors included.
 
-        A request that runs at once (inline execution, nothing queued) is answered before the next is
-        read, without a task; one that must wait for its batch gets a task, so the stream's requests
-        can share batches. Writes are serialised: gRPC allows one message in flight per call.
+        A request that runs at once or is held briefly for coalescing (inline execution: see
+        serving.batching) is answered before the next is read, without a task; one that must wait for
+        a queue delay or an instance thread gets a task, so the stream's requests can share batches.
+        Writes are serialised: gRPC allows one message in flight per call.
         """
         plane = self._plane
         write_lock = asyncio.Lock()
@@ -89,6 +90,12 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                     continue
                 if type(result) is pb.ModelInferResponse:
                     await send(pb.ModelStreamInferResponse(infer_response=result))
+                elif type(result) is Prompt:
+                    try:
+                        response = pb.ModelStreamInferResponse(infer_response=await result)
+                    except Exception as exc:
+                        response = _stream_error(exc, request)
+                    await send(response)
                 else:
                     task = asyncio.ensure_future(answer_later(request, result))
                     tasks.add(task)

@@ -235,3 +235,71 @@ def test_inline_mode_runs_batches_on_the_event_loop_and_oversized_requests_in_a_
     assert session.threads[1] != threading.main_thread().name
     for x, (output,) in zip(inputs, results, strict=True):
         np.testing.assert_array_equal(output, x["input"] * 2 + 1)
+
+
+def test_inline_requests_submitted_while_the_loop_is_busy_run_as_one_batch():
+    async def scenario():
+        session = RecordingSession()
+        b = batcher(session, inline_rows=64, max_batch_size=64)
+        b.start()
+        inputs = [request(rows, 100 * rows) for rows in (1, 4, 2, 3)]
+        futures = [b.submit(x, len(x["input"])) for x in inputs]  # no await between: one busy turn
+        results = await asyncio.gather(*futures)
+        await b.close()
+        return session, inputs, results
+
+    session, inputs, results = asyncio.run(scenario())
+    assert [len(batch) for batch in session.batches] == [10]
+    for x, (output,) in zip(inputs, results, strict=True):
+        np.testing.assert_array_equal(output, x["input"] * 2 + 1)
+
+
+def test_a_lone_inline_request_runs_at_once_when_the_loop_is_idle():
+    async def scenario():
+        session = RecordingSession()
+        b = batcher(session, inline_rows=64, max_batch_size=64)
+        b.start()
+        x = request(2, 0)
+        outputs = b.run_now(x, 2)
+        await b.close()
+        return session, x, outputs
+
+    session, x, outputs = asyncio.run(scenario())
+    assert outputs is not None
+    np.testing.assert_array_equal(outputs[0], x["input"] * 2 + 1)
+    assert [len(batch) for batch in session.batches] == [2]
+
+
+def test_a_held_request_still_runs_while_the_loop_never_goes_idle():
+    async def scenario():
+        session = RecordingSession()
+        b = batcher(session, inline_rows=64, max_batch_size=64)
+        b.start()
+        loop = asyncio.get_running_loop()
+        stop = False
+
+        def spin() -> None:  # keeps a callback ready on every turn of the loop
+            if not stop:
+                loop.call_soon(spin)
+
+        spin()
+        assert b.run_now(request(1, 0), 1) is None  # the loop is busy: the request is held instead
+        (output,) = await asyncio.wait_for(b.submit(request(1, 0), 1), 10)
+        stop = True
+        await b.close()
+        return output
+
+    np.testing.assert_array_equal(asyncio.run(scenario()), request(1, 0)["input"] * 2 + 1)
+
+
+def test_with_batching_disabled_inline_requests_still_run_one_by_one():
+    async def scenario():
+        session = RecordingSession()
+        b = batcher(session, inline_rows=64, max_batch_size=64, enabled=False)
+        b.start()
+        futures = [b.submit(request(rows, rows), rows) for rows in (1, 2, 3)]
+        await asyncio.gather(*futures)
+        await b.close()
+        return session
+
+    assert [len(batch) for batch in asyncio.run(scenario()).batches] == [1, 2, 3]

@@ -287,3 +287,23 @@ def test_the_shipped_model_serves_xor_bit_equal_to_in_process_onnx_runtime(serve
     for name, value in expected.items():
         np.testing.assert_array_equal(got[name], value)
     assert (got["probability"].ravel() >= 0.5).tolist() == [False, True, True, False]
+
+
+@pytest.mark.parametrize("rows", [1, 1024])
+def test_non_finite_values_are_refused_after_requests_of_the_same_shape_passed(stub, rows):
+    x = np.zeros((rows, 2), np.float32)
+    stub.ModelInfer(_raw(x))  # validated once: later requests of this shape take the fast path
+    for bad in (np.nan, np.inf, -np.inf):
+        y = x.copy()
+        y[rows - 1, 1] = bad
+        with pytest.raises(grpc.RpcError) as caught:
+            stub.ModelInfer(_raw(y))
+        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "1 non-finite value(s)" in caught.value.details()
+
+
+def test_the_largest_finite_values_are_accepted(stub):
+    x = np.array([[np.finfo(np.float32).max, -np.finfo(np.float32).max]], np.float32)
+    stub.ModelInfer(_raw(np.zeros((1, 2), np.float32)))
+    response = stub.ModelInfer(_raw(x))
+    assert [output.name for output in response.outputs] == ["logits", "probability"]
