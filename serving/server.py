@@ -279,7 +279,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--max-queue-delay-us",
         type=int,
         default=e("max_queue_delay_us", 0),
-        help="longest a batch waits to fill, in microseconds; 0: run what is queued as soon as an "
+        help="longest a batch waits to fill, in microseconds; 0: run queued requests as soon as the event loop "
+        "has nothing else to do (a model run on the loop holds a request at most 2 ms while it is busy) or an "
         "instance is free (env XORSERVE_MAX_QUEUE_DELAY_US)",
     )
     parser.add_argument(
