@@ -654,5 +654,6 @@ def test_peak_memory_does_not_grow_with_the_file(tmp_path, model_dir):
     quarter = growth_mib("quarter.parquet", 8_192)
     whole = growth_mib("big.parquet", 8_192)
     one_chunk = growth_mib("big.parquet", n)  # what loading the whole file costs, so the bound can fail
-    # Four times the rows may cost a little more (allocator slack), never a share of the file's size.
-    assert whole - quarter < file_mib / 4 < one_chunk - whole, (quarter, whole, one_chunk, file_mib)
+    # Four times the rows may cost a little more (allocator slack: up to ~25 MiB measured), never a share of
+    # the file's size: a reader that keeps what it read grows by ~3/4 of the file (95-100 MiB measured).
+    assert whole - quarter < file_mib / 2 < one_chunk - whole, (quarter, whole, one_chunk, file_mib)
