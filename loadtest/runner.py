@@ -29,12 +29,11 @@ import socket
 import subprocess
 import sys
 import threading
-from collections.abc import Callable
 from pathlib import Path
 from typing import TextIO
 
 from loadtest.timings import ResponseTimes, summarize
-from serving.cli import env_default
+from serving.cli import env_default, number
 
 log = logging.getLogger("xorserve.loadtest")
 
@@ -127,28 +126,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=env_default("deadline_ms", "1000"),
         help="gRPC deadline of each call (XORSERVE_DEADLINE_MS)",
     )
-
-
-def number(
-    kind: type, minimum: float | None = None, above: float | None = None, maximum: float | None = None
-) -> Callable[[str], int | float]:
-    """An argparse type: `kind` (int or float) within the bounds, else a one-line error naming them."""
-
-    def parse(text: str) -> int | float:
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}") from None
-        if minimum is not None and value < minimum:
-            raise argparse.ArgumentTypeError(f"must be at least {minimum:g}, not {text}")
-        if above is not None and not value > above:
-            raise argparse.ArgumentTypeError(f"must be more than {above:g}, not {text}")
-        if maximum is not None and value > maximum:
-            raise argparse.ArgumentTypeError(f"must be at most {maximum:g}, not {text}")
-        return value
-
-    parse.__name__ = kind.__name__  # what argparse calls the type in its own messages
-    return parse
 
 
 def duration_s(text: str) -> int:

@@ -10,8 +10,10 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import math
 import os
 import sys
+from collections.abc import Callable
 
 # name -> (module, one-line summary)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -36,6 +38,37 @@ def env_default(name: str, default):
     if default is None:
         return raw
     return type(default)(raw)
+
+
+def number(
+    kind: type, minimum: float | None = None, above: float | None = None, maximum: float | None = None
+) -> Callable[[str], int | float]:
+    """An argparse type: a finite `kind` (int or float) within the bounds, else a one-line error naming them.
+
+    Give numeric defaults as text (`env_default("users", "32")`): argparse converts and checks only
+    string defaults, so a value from the environment is then checked like one on the command line.
+    """
+
+    def shown(bound: float) -> str:
+        return f"{bound:g}" if isinstance(bound, float) else str(bound)
+
+    def parse(text: str) -> int | float:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}") from None
+        if not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+        if minimum is not None and value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {shown(minimum)}, not {text}")
+        if above is not None and not value > above:
+            raise argparse.ArgumentTypeError(f"must be more than {shown(above)}, not {text}")
+        if maximum is not None and value > maximum:
+            raise argparse.ArgumentTypeError(f"must be at most {shown(maximum)}, not {text}")
+        return value
+
+    parse.__name__ = kind.__name__  # what argparse calls the type in its own messages
+    return parse
 
 
 def _top_parser() -> argparse.ArgumentParser:

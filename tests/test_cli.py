@@ -1,11 +1,13 @@
 """The console script: every command answers --help, and the dispatcher rejects what it does not know."""
 
+import argparse
+import re
 import subprocess
 import sys
 
 import pytest
 
-from serving.cli import COMMANDS, env_default
+from serving.cli import COMMANDS, env_default, number
 
 
 def xorserve(*args: str) -> subprocess.CompletedProcess:
@@ -38,3 +40,23 @@ def test_env_default_converts_to_the_defaults_type(monkeypatch):
     assert env_default("port", 8001) == 9001
     assert env_default("no_batching", False) is True
     assert env_default("absent_flag", 1.5) == 1.5
+
+
+@pytest.mark.parametrize(
+    ("bounds", "text", "message"),
+    [
+        ({"kind": int, "minimum": 1}, "0", "must be at least 1, not 0"),
+        ({"kind": float, "above": 0}, "0", "must be more than 0, not 0"),
+        ({"kind": float, "minimum": 0, "maximum": 1}, "1.5", "must be at most 1, not 1.5"),
+        ({"kind": float, "minimum": 0}, "nan", "'nan' is not a finite number"),
+        ({"kind": int}, "1.5", "'1.5' is not an integer"),
+    ],
+)
+def test_number_refuses_values_outside_its_bounds_naming_them(bounds, text, message):
+    with pytest.raises(argparse.ArgumentTypeError, match=re.escape(message)):
+        number(**bounds)(text)
+
+
+def test_number_accepts_values_within_its_bounds():
+    assert number(int, minimum=1)("3") == 3
+    assert number(float, above=0, maximum=1)("0.25") == 0.25

@@ -177,7 +177,7 @@ def test_train_checks_a_value_from_the_environment_like_the_flag(tmp_path, monke
     with pytest.raises(SystemExit) as exit_info:
         main(["train", "--out", str(tmp_path / "1"), "--device", "cpu"])
     assert exit_info.value.code == 2
-    assert "argument --epochs: 0 is not a positive integer" in capsys.readouterr().err
+    assert "argument --epochs: must be at least 1, not 0" in capsys.readouterr().err
 
 
 def test_train_out_comes_from_xorserve_train_out_not_xorserve_out(tmp_path, monkeypatch):

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 import os
 import secrets
 import shutil
@@ -24,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from serving.cli import env_default
+from serving.cli import env_default, number
 from trainer.export import OPSET, add_name_arguments, export_state_dict, resolve_names, sha256_file
 from trainer.model import architecture
 from trainer.parity import format_table, run_parity
@@ -85,49 +84,10 @@ def build_report(model_name, model_version, settings, result, parity, out: Path)
     }
 
 
-def _integer(text: str, low: int, what: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < low:
-        raise argparse.ArgumentTypeError(f"{value} is not {what}")
-    return value
-
-
-def positive_int(text: str) -> int:
-    return _integer(text, 1, "a positive integer")
-
-
-def seed_int(text: str) -> int:
-    value = _integer(text, 0, f"a seed from 0 to {MAX_SEED}")
-    if value > MAX_SEED:
-        raise argparse.ArgumentTypeError(f"{value} is not a seed from 0 to {MAX_SEED}")
-    return value
-
-
-def _finite(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
-    return value
-
-
-def positive_float(text: str) -> float:
-    value = _finite(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"{value:g} is not a positive number")
-    return value
-
-
-def non_negative_float(text: str) -> float:
-    value = _finite(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{value:g} is not zero or a positive number")
-    return value
+positive_int = number(int, minimum=1)
+positive_float = number(float, above=0)
+non_negative_float = number(float, minimum=0)
+seed_int = number(int, minimum=0, maximum=MAX_SEED)
 
 
 def _env_text(name: str, default):
