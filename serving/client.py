@@ -22,25 +22,10 @@ import numpy as np
 
 from serving._proto import grpc_service_pb2 as pb
 from serving._proto import grpc_service_pb2_grpc as pb_grpc
+from serving.converters import CONTENTS_FIELDS, NUMPY_DTYPES
 
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 _MAX_WAIT_S = 2.0
-
-# Open Inference Protocol datatype names <-> numpy dtypes (little-endian).
-DTYPES: dict[str, np.dtype] = {
-    "BOOL": np.dtype(np.bool_),
-    "UINT8": np.dtype("<u1"),
-    "UINT16": np.dtype("<u2"),
-    "UINT32": np.dtype("<u4"),
-    "UINT64": np.dtype("<u8"),
-    "INT8": np.dtype("<i1"),
-    "INT16": np.dtype("<i2"),
-    "INT32": np.dtype("<i4"),
-    "INT64": np.dtype("<i8"),
-    "FP16": np.dtype("<f2"),
-    "FP32": np.dtype("<f4"),
-    "FP64": np.dtype("<f8"),
-}
 
 
 class InferenceError(Exception):
@@ -88,7 +73,7 @@ def _signature(metadata: pb.ModelMetadataResponse) -> _Signature:
 
 
 def _request(model: str, version: str, sig: _Signature, x: np.ndarray, outputs) -> pb.ModelInferRequest:
-    x = np.ascontiguousarray(x, dtype=DTYPES[sig.datatype])
+    x = np.ascontiguousarray(x, dtype=NUMPY_DTYPES[sig.datatype])
     request = pb.ModelInferRequest(model_name=model, model_version=version)
     request.inputs.add(name=sig.input_name, datatype=sig.datatype, shape=list(x.shape))
     for name in outputs or ():
@@ -97,30 +82,14 @@ def _request(model: str, version: str, sig: _Signature, x: np.ndarray, outputs) 
     return request
 
 
-# The typed `contents` field that holds each datatype, for answers without raw bytes.
-_CONTENTS_FIELD = {
-    "BOOL": "bool_contents",
-    "INT8": "int_contents",
-    "INT16": "int_contents",
-    "INT32": "int_contents",
-    "INT64": "int64_contents",
-    "UINT8": "uint_contents",
-    "UINT16": "uint_contents",
-    "UINT32": "uint_contents",
-    "UINT64": "uint64_contents",
-    "FP32": "fp32_contents",
-    "FP64": "fp64_contents",
-}
-
-
 def _outputs(response: pb.ModelInferResponse) -> dict[str, np.ndarray]:
     result = {}
     for i, tensor in enumerate(response.outputs):
-        dtype, shape = DTYPES[tensor.datatype], tuple(tensor.shape)
+        dtype, shape = NUMPY_DTYPES[tensor.datatype], tuple(tensor.shape)
         if response.raw_output_contents:
             result[tensor.name] = np.frombuffer(response.raw_output_contents[i], dtype=dtype).reshape(shape)
         else:
-            values = getattr(tensor.contents, _CONTENTS_FIELD[tensor.datatype])
+            values = getattr(tensor.contents, CONTENTS_FIELDS[tensor.datatype])
             result[tensor.name] = np.asarray(values, dtype=dtype).reshape(shape)
     return result
 

@@ -130,3 +130,13 @@ def test_predict_command_reports_an_unreachable_server_in_one_line():
     assert result.returncode == 1
     assert len(result.stderr.strip().splitlines()) == 1
     assert "UNAVAILABLE" in result.stderr
+
+
+def test_outputs_are_read_from_typed_contents_when_a_server_sends_no_raw_bytes():
+    from serving._proto import grpc_service_pb2 as pb
+    from serving.client import _outputs
+
+    response = pb.ModelInferResponse()
+    tensor = response.outputs.add(name="probability", datatype="FP32", shape=[2, 1])
+    tensor.contents.fp32_contents.extend([0.25, 0.75])
+    assert _outputs(response)["probability"].tolist() == [[0.25], [0.75]]
