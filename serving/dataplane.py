@@ -333,14 +333,10 @@ class DataPlane:
                 later = self._finish_later(served, request, arrays, rows, wanted, time_remaining, start)
                 return Prompt(later) if batcher.answers_soon(rows or 1) else later
             response = self._respond(served, request, wanted, outputs)
-        except ServingError as exc:
-            metrics.failure(STATUS[type(exc)].name)
+        except Exception as exc:
+            _count_failure(metrics, exc)
             raise
-        except Exception:
-            metrics.failure("INTERNAL")
-            raise
-        metrics.success.inc()
-        metrics.request_seconds.observe(time.perf_counter() - start)
+        _count_success(metrics, start)
         return response
 
     async def _finish_later(
@@ -354,14 +350,10 @@ class DataPlane:
                 deadline = asyncio.get_running_loop().time() + time_remaining
             outputs = await served.batcher.submit(arrays, rows or 1, deadline)
             response = self._respond(served, request, wanted, outputs)
-        except ServingError as exc:
-            metrics.failure(STATUS[type(exc)].name)
+        except Exception as exc:
+            _count_failure(metrics, exc)
             raise
-        except Exception:
-            metrics.failure("INTERNAL")
-            raise
-        metrics.success.inc()
-        metrics.request_seconds.observe(time.perf_counter() - start)
+        _count_success(metrics, start)
         return response
 
     def _respond(self, served: ServedVersion, request, wanted, outputs: list) -> pb.ModelInferResponse:
@@ -375,3 +367,12 @@ class DataPlane:
                 "(--max-message-bytes); send fewer rows per request"
             )
         return served.encoder.encode(request.id, wanted, results)
+
+
+def _count_failure(metrics, exc: Exception) -> None:
+    metrics.failure(STATUS[type(exc)].name if isinstance(exc, ServingError) else "INTERNAL")
+
+
+def _count_success(metrics, start: float) -> None:
+    metrics.success.inc()
+    metrics.request_seconds.observe(time.perf_counter() - start)
