@@ -128,7 +128,8 @@ class Batcher:
     `inline_rows > 0` runs batches of up to that many rows on the event loop itself, with the first
     session: for a model so small that such a batch runs faster than a hand-over to a thread and back
     (40 to 75 us of CPU on a 2-core machine), that is cheaper and loses no concurrency worth having.
-    Larger requests still run in the instance threads.
+    Batches formed there hold at most `min(inline_rows, max_batch_size)` rows; a request larger than
+    `inline_rows` runs in the instance threads, in a batch of up to `max_batch_size` rows.
     """
 
     def __init__(
@@ -156,6 +157,7 @@ class Batcher:
         self._output_names = list(output_names)
         self._policy = policy
         self._max_rows = policy.max_batch_size if policy.enabled else 1
+        self._max_inline_rows = min(inline_rows, self._max_rows)  # the largest batch run on the loop
         self._delay = policy.max_queue_delay_us / 1e6 if policy.enabled else 0.0
         self._metrics = metrics
         self._pending: deque[_Request] = deque()
@@ -203,7 +205,7 @@ class Batcher:
             or self._pending
             or self._delay
             or self._closing
-            or (self._coalesce and rows < self._max_rows and self._coalescer.busy())
+            or (self._coalesce and rows < self._max_inline_rows and self._coalescer.busy())
         ):
             return None
         metrics = self._metrics
@@ -254,7 +256,7 @@ class Batcher:
         return (
             bool(pending)
             and not self._closing
-            and self._pending_rows < self._max_rows
+            and self._pending_rows < self._max_inline_rows
             and now - pending[0].enqueued < COALESCE_MAX_S
         )
 
@@ -266,13 +268,14 @@ class Batcher:
             in_thread = pending[0].rows > self._inline_rows
             if in_thread and not self._idle:
                 break  # an instance frees up in _finish, which dispatches again
-            if self._delay and not self._closing and self._pending_rows < self._max_rows:
+            max_rows = self._max_rows if in_thread else self._max_inline_rows
+            if self._delay and not self._closing and self._pending_rows < max_rows:
                 close_at = pending[0].enqueued + self._delay
                 if loop.time() < close_at:
                     if self._timer is None:
                         self._timer = loop.call_at(close_at, self._on_timer)
                     return
-            batch = self._take(loop.time())
+            batch = self._take(loop.time(), max_rows)
             if not batch:
                 continue
             if in_thread:
@@ -302,15 +305,15 @@ class Batcher:
         self._timer = None
         self._dispatch()
 
-    def _take(self, now: float) -> list[_Request]:
-        """Pops the next batch: whole requests up to max rows (one request alone if it is bigger)."""
+    def _take(self, now: float, max_rows: int) -> list[_Request]:
+        """Pops the next batch: whole requests up to `max_rows` rows (one request alone if it is bigger)."""
         batch: list[_Request] = []
         rows = 0
         pending = self._pending
         queue_seconds = self._metrics.queue_seconds if self._metrics is not None else None
         while pending:
             request = pending[0]
-            if batch and rows + request.rows > self._max_rows:
+            if batch and rows + request.rows > max_rows:
                 break
             pending.popleft()
             self._pending_rows -= request.rows
@@ -328,7 +331,7 @@ class Batcher:
                 queue_seconds.observe(now - request.enqueued)
             batch.append(request)
             rows += request.rows
-            if rows >= self._max_rows:
+            if rows >= max_rows:
                 break
         if self._timer is not None:  # the timer belonged to the batch just closed
             self._timer.cancel()

@@ -27,7 +27,7 @@ from serving.errors import (
     UnavailableError,
 )
 from serving.metrics import UNKNOWN_MODEL, Metrics, ModelMetrics
-from serving.repository import MODEL_FILE, PLATFORM, LoadedVersion, discover, load_version, run_seconds
+from serving.repository import MODEL_FILE, PLATFORM, LoadedVersion, discover, load_version, rows_within
 from serving.runtime import CUDA, DeviceUnavailableError, SessionSettings
 
 log = logging.getLogger(__name__)
@@ -107,13 +107,13 @@ class DataPlane:
         for where in found:
             try:
                 loaded = await asyncio.to_thread(load_version, where, self._settings, self._instances)
-                batch_s = await asyncio.to_thread(run_seconds, loaded, self._batch_rows(loaded))
+                inline = await asyncio.to_thread(rows_within, loaded, self._batch_rows(loaded), self._inline_max_s)
             except DeviceUnavailableError:
                 raise
             except Exception as exc:
                 self._fail(f"{where.model}/{where.version}", f"{type(exc).__name__}: {exc}")
                 continue
-            self._serve(loaded, batch_s)
+            self._serve(loaded, *inline)
         self._loaded = True
 
     def _fail(self, key: str, reason: str) -> None:
@@ -124,17 +124,21 @@ class DataPlane:
         """The rows of the largest batch: max_batch_size, or 1 for a model without a batch axis."""
         return self._policy.max_batch_size if loaded.batchable else 1
 
-    def _serve(self, loaded: LoadedVersion, batch_s: float) -> None:
-        """Starts serving a loaded version; `batch_s`: how long its largest batch takes to run."""
+    def _serve(self, loaded: LoadedVersion, inline_rows: int, inline_s: float) -> None:
+        """Starts serving a loaded version. Batches of up to `inline_rows` rows (those that run within
+        --inline-max-us, `inline_s` for the largest: see `rows_within`) run on the event loop; larger
+        ones in the instance threads."""
         batchable = loaded.batchable
-        inline = 0 < batch_s <= self._inline_max_s
+        batch_rows = self._batch_rows(loaded)
+        threads = f"threads:{len(loaded.sessions)}"
         log.info(
-            "event=model_serving model=%s version=%s batch_rows=%d batch_us=%.1f execution=%s",
+            "event=model_serving model=%s version=%s batch_rows=%d inline_rows=%d inline_us=%.1f execution=%s",
             loaded.model,
             loaded.version,
-            self._batch_rows(loaded),
-            batch_s * 1e6,
-            "event_loop" if inline else f"threads:{len(loaded.sessions)}",
+            batch_rows,
+            inline_rows,
+            inline_s * 1e6,
+            "event_loop" if inline_rows >= batch_rows else f"event_loop+{threads}" if inline_rows else threads,
         )
         policy = (
             self._policy
@@ -150,7 +154,7 @@ class DataPlane:
             outputs,
             policy,
             metrics,
-            inline_rows=self._batch_rows(loaded) if inline else 0,
+            inline_rows=inline_rows,
             coalescer=self._coalescer,
         )
         batcher.start()

@@ -105,6 +105,22 @@ def run_seconds(loaded: LoadedVersion, rows: int, repeats: int = 3) -> float:
     return best
 
 
+def rows_within(loaded: LoadedVersion, max_rows: int, budget_s: float) -> tuple[int, float]:
+    """The largest batch, from `max_rows` halving down to 1 row, whose run (`run_seconds`) takes at most
+    `budget_s`, and that run's time; (0, time of the last one tried) when not even 1 row fits.
+    A budget of 0 tries nothing: (0, 0.0)."""
+    if budget_s <= 0:
+        return 0, 0.0
+    rows = max(1, max_rows)
+    while True:
+        seconds = run_seconds(loaded, rows)
+        if seconds <= budget_s:
+            return rows, seconds
+        if rows == 1:
+            return 0, seconds
+        rows //= 2
+
+
 def load_version(where: VersionPath, settings: SessionSettings, instances: int) -> LoadedVersion:
     """Opens `instances` sessions on the model file and warms each up; raises with the reason on failure."""
     if not where.path.is_file():

@@ -303,3 +303,42 @@ def test_with_batching_disabled_inline_requests_still_run_one_by_one():
         return session
 
     assert [len(batch) for batch in asyncio.run(scenario()).batches] == [1, 2, 3]
+
+
+def test_batches_on_the_event_loop_hold_at_most_inline_rows_and_larger_requests_run_in_a_thread():
+    async def scenario():
+        session = RecordingSession()
+        b = batcher(session, inline_rows=4, max_batch_size=64)
+        b.start()
+        small = [request(rows, 100 * i) for i, rows in enumerate((1, 2, 3, 2))]
+        futures = [b.submit(x, len(x["input"])) for x in small]  # one busy turn: all held together
+        results = await asyncio.gather(*futures)
+        big = request(6, 7)  # more rows than run on the loop: an instance thread runs it
+        results.append(await b.submit(big, 6))
+        await b.close()
+        return session, small + [big], results
+
+    session, inputs, results = asyncio.run(scenario())
+    assert [len(batch) for batch in session.batches] == [3, 3, 2, 6]
+    main = threading.main_thread().name
+    assert session.threads[:3] == [main] * 3 and session.threads[3] != main
+    for x, (output,) in zip(inputs, results, strict=True):
+        np.testing.assert_array_equal(output, x["input"] * 2 + 1)
+
+
+@pytest.mark.parametrize(
+    ("budget_us", "expected"),
+    [(0, (0, 0.0)), (1000, (64, 64e-6)), (10, (8, 8e-6)), (8, (8, 8e-6)), (0.5, (0, 1e-6))],
+)
+def test_rows_within_halves_the_largest_batch_until_it_runs_within_the_budget(monkeypatch, budget_us, expected):
+    from serving import repository
+
+    tried = []
+
+    def run_seconds(loaded, rows):  # a model that takes 1 us per row
+        tried.append(rows)
+        return rows * 1e-6
+
+    monkeypatch.setattr(repository, "run_seconds", run_seconds)
+    assert repository.rows_within(None, 64, budget_us * 1e-6) == expected
+    assert tried == [64, 32, 16, 8, 4, 2, 1][: len(tried)]
