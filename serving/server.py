@@ -88,7 +88,7 @@ class ServerConfig:
     grace_s: float = 30.0
     max_message_bytes: int = 64 * MiB
     intra_op_threads: int = 1
-    inline_max_us: int = 50
+    inline_max_us: int | None = None  # None: default_inline_max_us()
     workers: int = 1  # processes `xorserve serve` runs; start_server always serves in this one
     # Set by the parent of several workers: this process is worker `worker`. It shares `port` with the
     # others (SO_REUSEPORT) and records metrics in PROMETHEUS_MULTIPROC_DIR for the parent, which
@@ -191,7 +191,7 @@ async def start_server(config: ServerConfig) -> RunningServer:
         metrics,
         _server_version(),
         config.max_message_bytes,
-        config.inline_max_us,
+        default_inline_max_us() if config.inline_max_us is None else config.inline_max_us,
     )
     server = grpc.aio.server(
         options=[
@@ -317,10 +317,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--inline-max-us",
         type=int,
-        default=e("inline_max_us", 50),
-        help="run a model's batches on the event loop instead of instance threads when its largest batch "
-        "runs within this many microseconds (measured at load): a hand-over to a thread costs 40-75 us of CPU; "
-        "0: always threads (env XORSERVE_INLINE_MAX_US)",
+        default=e("inline_max_us", None),
+        help="run a model's batches on the event loop instead of instance threads up to the largest size "
+        "(--max-batch-size, halved until it fits) that runs within this many microseconds, measured at load; "
+        "larger batches run in threads; 0: always threads. Default: 50 where the server may use several cores "
+        "(a hand-over to a thread costs 40-75 us of CPU), 500 where it has one core (env XORSERVE_INLINE_MAX_US)",
     )
     parser.add_argument(
         "--workers",
@@ -329,6 +330,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="server processes sharing the gRPC port (SO_REUSEPORT), each with its own sessions and batcher; "
         "metrics are summed over them (env XORSERVE_WORKERS)",
     )
+
+
+def default_inline_max_us() -> int:
+    """--inline-max-us when not given. With several cores a batch handed to an instance thread runs beside
+    the event loop, so only batches cheaper than the hand-over (40-75 us of CPU) run on the loop. With one
+    core (`taskset`, a one-CPU container) a thread runs nothing in parallel: the hand-over buys only
+    responsiveness during a long run, so batches of up to 0.5 ms run on the loop (docs/benchmarks.md)."""
+    return 500 if len(os.sched_getaffinity(0)) == 1 else 50
 
 
 def config_from_args(args: argparse.Namespace) -> ServerConfig:

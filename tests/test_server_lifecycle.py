@@ -202,3 +202,23 @@ def test_device_cuda_runs_the_model_on_the_cuda_provider(server_factory, model_r
     cpu = open_session(model_repository / "xor" / "1" / "model.onnx", SessionSettings(device="cpu"))
     logits = np.frombuffer(response.raw_output_contents[0], np.float32).reshape(4, 1)
     np.testing.assert_allclose(logits, cpu.run(["logits"], {"input": rows(4)})[0], atol=1e-5)
+
+
+def test_the_inline_budget_defaults_by_the_cores_the_server_may_use(monkeypatch):
+    import argparse
+    import os
+
+    from serving import server
+
+    parser = argparse.ArgumentParser()
+    server.add_arguments(parser)
+    monkeypatch.delenv("XORSERVE_INLINE_MAX_US", raising=False)
+    assert server.config_from_args(parser.parse_args(["--model-repository", "m"])).inline_max_us is None
+    assert (
+        server.config_from_args(parser.parse_args(["--model-repository", "m", "--inline-max-us", "0"])).inline_max_us
+        == 0
+    )
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {3})
+    assert server.default_inline_max_us() == 500  # one core: a thread would run nothing in parallel
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})
+    assert server.default_inline_max_us() == 50
