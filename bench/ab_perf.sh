@@ -9,9 +9,11 @@
 #   new[:OPTS]    xorserve from this working tree
 #   base[:OPTS]   xorserve from $BASE_DIR (default /tmp/ab-base: `git archive HEAD serving` unpacked
 #                 there when missing; set BASE_REF to snapshot another commit)
-#   OPTS (comma-separated): stream (perf_analyzer --streaming), off (--no-batching)
+#   OPTS (comma-separated): stream (perf_analyzer --streaming), off (--no-batching), mbs=N
+#                 (--max-batch-size N instead of 1024)
 # Prints `variant,round,concurrency,rows,infer_per_s,p50_us,p90_us,p99_us` lines (run_perf.sh's
 # columns). MEASURE_MS (default 1500) is perf_analyzer's window, 3 windows per point.
+# XARGS: extra xorserve flags for new and base (e.g. "--max-batch-size 4096").
 # Needs ../shared/bench/setup.sh (perf_analyzer, /tmp/venv-bench).
 set -uo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
@@ -37,7 +39,7 @@ start_xorserve() {  # start_xorserve SRC_DIR EXTRA_ARGS...
   local log="$BENCH_RUN_DIR/xorserve.log"
   # From SRC itself: `python -m` puts the working directory first on sys.path, ahead of PYTHONPATH.
   (cd "$src" && PYTHONPATH=$src exec taskset -c 0 "$ROOT/.venv/bin/python" -m serving.cli serve \
-     --model-repository "$ROOT/models" --port "$PORT" --metrics-port 0 --max-batch-size 1024 "$@") \
+     --model-repository "$ROOT/models" --port "$PORT" --metrics-port 0 --max-batch-size 1024 ${XARGS:-} "$@") \
      >"$log" 2>&1 &
   server_pid=$!
   for _ in $(seq 600); do
@@ -54,6 +56,7 @@ for round in $(seq "$ROUNDS"); do
     extra=(); pa=
     case $opts in *,off,*) extra+=(--no-batching) ;; esac
     case $opts in *,stream,*) pa=--streaming ;; esac
+    case $opts in *,mbs=*) extra+=(--max-batch-size "$(echo "$opts" | sed 's/.*,mbs=\([0-9]*\),.*/\1/')") ;; esac
     case $name in
       null) SERVER_CPUS=0 "$SHARED/null/start.sh" "$PORT" 2>/dev/null || exit 1 ;;
       new) start_xorserve "$ROOT" "${extra[@]}" || exit 1 ;;

@@ -1,10 +1,11 @@
 """xorserve with DataPlane.start_infer cut down, to price each step of a request in situ (under load).
 
-    .venv/bin/python bench/price_steps.py KIND PORT    # KIND: const | dec | decort | full
+    .venv/bin/python bench/price_steps.py KIND [xorserve serve flags]  # KIND: const1|const|dec|decort|full
 
-const answers a prebuilt response (the gRPC stack and our servicer only), dec adds decoding the input,
-decort adds the ONNX Runtime call, full is the real server. Driven by bench/server_cpu.sh (a measuring
-tool, not a server to run).
+const answers a prebuilt response (the gRPC stack and our servicer only), const1 the same with the first
+output only (the null server's payload: 4 KB instead of 8 KB at 1,024 rows), dec adds decoding the
+input, decort adds one ONNX Runtime call per request (no batching), full is the real server. Driven by
+bench/server_cpu.sh and bench/paired_perf.py (a measuring tool, not a server to run).
 """
 
 from __future__ import annotations
@@ -22,7 +23,9 @@ from serving._proto import grpc_service_pb2 as pb  # noqa: E402
 
 
 def main() -> int:
-    kind, port = sys.argv[1], sys.argv[2]
+    kind, flags = sys.argv[1], sys.argv[2:]
+    if kind not in ("const1", "const", "dec", "decort", "full"):
+        sys.exit(f"unknown KIND {kind!r}; see the docstring")
     prebuilt: list[pb.ModelInferResponse] = []
 
     def start_infer(self, request, time_remaining):
@@ -35,7 +38,8 @@ def main() -> int:
             inputs, _ = served.decoder.decode(request)
             outputs = served.batcher._run_first(served.batcher._output_names, inputs, None)
             results = dict(zip(served.output_names, outputs, strict=True))
-            prebuilt.append(served.encoder.encode("", served.loaded.outputs, results))
+            outputs = served.loaded.outputs[:1] if kind == "const1" else served.loaded.outputs
+            prebuilt.append(served.encoder.encode("", outputs, results))
         response = pb.ModelInferResponse()
         response.CopyFrom(prebuilt[0])
         response.id = request.id
@@ -45,8 +49,7 @@ def main() -> int:
         dp.DataPlane.start_infer = start_infer
     parser = argparse.ArgumentParser()
     server.add_arguments(parser)
-    flags = ["--model-repository", str(ROOT / "models"), "--port", port, "--metrics-port", "0"]
-    return server.run(parser.parse_args([*flags, "--max-batch-size", "1024"]))
+    return server.run(parser.parse_args(flags))
 
 
 if __name__ == "__main__":

@@ -1,11 +1,15 @@
 """Serving benchmark: xorserve against the no-model reference server, driven by Triton's perf_analyzer.
 
 Each server runs pinned to core 0 (`taskset -c 0`) and perf_analyzer to core 1
-(../shared/bench/run_perf.sh), one server at a time, at concurrency 1, 16 and 64 with 1-row and
-1,024-row requests, unary and streaming (xorserve; the reference server has no streaming RPC),
-batching on and off (xorserve). It also measures cold start (exec to the READY line) and resident
-memory after warm-up, and, when `--workers` is served, one worker against two (unpinned). It writes a
-CSV, a PNG plot and regenerates the tables of docs/benchmarks.md between the serve_perf markers.
+(../shared/bench/run_perf.sh), one server under load at a time, at concurrency 1, 16 and 64 with 1-row
+and 1,024-row requests, unary and streaming (xorserve; the reference server has no streaming RPC),
+batching on and off (xorserve). The head-to-head points (unary, batching on, against the reference
+server) run in `--rounds` rounds with both servers up: each point is measured on one server and at
+once on the other, in alternating order, so that the shared machine's drifting load hits both alike;
+the goals use the median over rounds of each pair's ratio. It also measures cold start (exec to the
+READY line) and resident memory after warm-up, and, when `--workers` is served, one worker against two
+(unpinned). It writes a CSV, a PNG plot and regenerates the tables of docs/benchmarks.md between the
+serve_perf markers.
 
     .venv/bin/python bench/serve_perf.py            # the full run (about 5 minutes)
     .venv/bin/python bench/serve_perf.py --quick    # 1-row unary and streaming only, short windows
@@ -43,6 +47,7 @@ FIELDS = (
     "batching",
     "workers",
     "pinned",
+    "round",
     "concurrency",
     "batch_rows",
     "infer_per_s",
@@ -51,8 +56,9 @@ FIELDS = (
     "p99_us",
 )
 # perf_analyzer refuses requests larger than the max_batch_size ModelConfig reports, so xorserve runs
-# with room for the 1,024-row requests (1-row requests still form batches of at most 64).
-XORSERVE_MAX_BATCH = 1024
+# with room for 16 of the 1,024-row requests per batch (1-row requests form batches of at most 64, the
+# concurrency). Pinned to one core, its default --inline-max-us (500) runs all of them on the event loop.
+XORSERVE_MAX_BATCH = 16384
 
 
 def _shown(path: Path) -> str:
@@ -111,18 +117,22 @@ def _pin(cpus: str | None) -> list[str]:
     return ["taskset", "-c", cpus] if cpus else []
 
 
+# The repository, and free ports (the server reports them on its READY line) on the loopback only.
+SERVE_FLAGS = ["--model-repository", str(ROOT / "models"), "--host", "127.0.0.1", "--port", "0", "--metrics-port", "0"]
+
+
 def start_xorserve(extra: list[str], cpus: str | None = "0", timeout_s: float = 60.0) -> Server:
-    command = [
-        *_pin(cpus),
-        str(ROOT / ".venv" / "bin" / "xorserve"),
-        "serve",
-        "--model-repository",
-        str(ROOT / "models"),
-    ]
-    command += ["--host", "127.0.0.1", "--port", "0", "--metrics-port", "0", *extra]
+    command = [str(ROOT / ".venv" / "bin" / "xorserve"), "serve", *SERVE_FLAGS]
+    return start_server([*_pin(cpus), *command, *extra], timeout_s=timeout_s)
+
+
+def start_server(
+    command: list[str], timeout_s: float = 60.0, cwd: Path = ROOT, env: dict | None = None, label: str = "xorserve"
+) -> Server:
+    """Starts a command line that serves like `xorserve serve` and waits for its READY line."""
     begin = time.perf_counter()
     process = subprocess.Popen(
-        command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, start_new_session=True, cwd=ROOT
+        command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, start_new_session=True, cwd=cwd, env=env
     )
     deadline = time.monotonic() + timeout_s
     lines = []
@@ -132,12 +142,12 @@ def start_xorserve(extra: list[str], cpus: str | None = "0", timeout_s: float = 
         if match:
             took = time.perf_counter() - begin
             port = int(match["grpc"].rsplit(":", 1)[1])
-            # Keep draining stdout in the background is unnecessary: the server prints one line only.
+            # The server prints one line only: no need to keep draining stdout.
             return Server(process, port, took, float(match["startup"]), lines)
         if time.monotonic() > deadline:
             break
     process.kill()
-    raise RuntimeError(f"xorserve did not print READY: {''.join(lines)[-2000:]}")
+    raise RuntimeError(f"{label} did not print READY: {''.join(lines)[-2000:]}")
 
 
 def start_null(cpus: str | None = "0", timeout_s: float = 60.0) -> Server:
@@ -250,43 +260,44 @@ def run(args: argparse.Namespace) -> dict:
     }
     load_before = os.getloadavg()
 
-    def measure(server: Server, name: str, batching: str, apis: list[str], workers: int = 1, client=args.client_cpus):
-        for api in apis:
-            for rows in rows_list:
-                print(
-                    f"{name} batching={batching} workers={workers} {api} rows={rows} ...", file=sys.stderr, flush=True
-                )
-                for point in perf(server.port, concs, rows, api == "streaming", args.measure_ms, client):
-                    results.append(dict(server=name, api=api, batching=batching, workers=workers, pinned=True, **point))
-                    print(
-                        f"  c={point['concurrency']} {point['infer_per_s']:.0f}/s p50={point['p50_us']}us",
-                        file=sys.stderr,
-                        flush=True,
-                    )
+    def measure(server: Server, name: str, batching: str, api: str, rows: int, concurrency: list[int], round_=0):
+        print(f"{name} batching={batching} {api} rows={rows} round={round_} ...", file=sys.stderr, flush=True)
+        for point in perf(server.port, concurrency, rows, api == "streaming", args.measure_ms, args.client_cpus):
+            results.append(dict(server=name, api=api, batching=batching, workers=1, pinned=True, round=round_, **point))
+            print(f"  c={point['concurrency']} {point['infer_per_s']:.0f}/s p50={point['p50_us']}us", file=sys.stderr)
 
     rss: dict[str, float] = {}
-    # Alternate the servers so that drifting background load hits both alike.
     null = start_null(args.server_cpus)
     try:
-        measure(null, "null", "-", ["unary"])
-        rss["null"] = null.rss_mb()
-    finally:
-        null.stop()
-    for batching in ("on", "off") if not args.quick else ("on",):
-        server = start_xorserve(extra[batching], args.server_cpus)
+        server = start_xorserve(extra["on"], args.server_cpus)
         try:
-            measure(server, "xorserve", batching, ["unary", "streaming"])
-            rss[f"xorserve batching={batching}"] = server.rss_mb()
+            pair = [(null, "null", "-"), (server, "xorserve", "on")]
+            for round_ in range(args.rounds):
+                for rows in rows_list:
+                    for c in concs:
+                        for peer, name, batching in pair if round_ % 2 == 0 else pair[::-1]:
+                            measure(peer, name, batching, "unary", rows, [c], round_)
+            rss["null"] = null.rss_mb()
+            for rows in rows_list:
+                measure(server, "xorserve", "on", "streaming", rows, concs)
+            rss["xorserve batching=on"] = server.rss_mb()
         finally:
             code = server.stop()
             if code != 0:
                 print(f"xorserve exited {code}", file=sys.stderr)
-    if not args.quick:  # the ceiling once more, after xorserve: the ratio uses the better of the two
-        null = start_null(args.server_cpus)
+    finally:
+        null.stop()
+    if not args.quick:
+        server = start_xorserve(extra["off"], args.server_cpus)
         try:
-            measure(null, "null", "-", ["unary"])
+            for api in ("unary", "streaming"):
+                for rows in rows_list:
+                    measure(server, "xorserve", "off", api, rows, concs)
+            rss["xorserve batching=off"] = server.rss_mb()
         finally:
-            null.stop()
+            code = server.stop()
+            if code != 0:
+                print(f"xorserve --no-batching exited {code}", file=sys.stderr)
 
     if args.workers:
         results += measure_workers(args, extra["on"], rss)
@@ -299,58 +310,93 @@ def run(args: argparse.Namespace) -> dict:
     return dict(results=results, rss=rss, starts=starts, load=(load_before, os.getloadavg()))
 
 
-def best(results, **match) -> dict | None:
-    """The best (highest rate) point among those matching; the null server is measured twice."""
-    found = [r for r in results if all(r[k] == v for k, v in match.items())]
-    return max(found, key=lambda r: r["infer_per_s"]) if found else None
+def matching(results, **match) -> list[dict]:
+    return [r for r in results if all(r[k] == v for k, v in match.items())]
+
+
+def median_point(results, **match) -> dict | None:
+    """The median over rounds of each measured figure of the points matching `match`."""
+    found = matching(results, **match)
+    if not found:
+        return None
+    point = dict(found[0])
+    for key in ("infer_per_s", "p50_us", "p90_us", "p99_us"):
+        point[key] = statistics.median(r[key] for r in found)
+    point["rounds"] = len(found)
+    return point
+
+
+def paired_ratio(results, key: str, **match) -> tuple[float, dict, dict] | None:
+    """The median over rounds of xorserve / null for the unary points matching `match`, measured back to
+    back in each round, with the median points of both."""
+    xs = {r["round"]: r for r in matching(results, server="xorserve", api="unary", batching="on", **match)}
+    ns = {r["round"]: r for r in matching(results, server="null", **match)}
+    rounds = sorted(set(xs) & set(ns))
+    if not rounds:
+        return None
+    value = statistics.median(xs[i][key] / ns[i][key] for i in rounds)
+    both = dict(api="unary", pinned=True, **match)
+    return (
+        value,
+        median_point(results, server="xorserve", batching="on", **both),
+        median_point(results, server="null", **both),
+    )
 
 
 def goals(data: dict) -> list[tuple[str, str, str, str]]:
     res = [r for r in data["results"] if r["pinned"]]
     rows = []
 
-    def ratio(goal, target, xs, ns, key="infer_per_s", higher=True):
-        if xs is None or ns is None:
+    def verdict(target: str, value: float, higher: bool) -> str:
+        if target == "report":
+            return "-"
+        limit = float(target.split()[1].rstrip("x"))
+        return "met" if (value >= limit if higher else value <= limit) else "MISSED"
+
+    def row(goal, target, found, key="infer_per_s", higher=True, what=""):
+        if found is None:
             rows.append((goal, target, "not measured", "-"))
             return
-        value = xs[key] / ns[key]
-        verdict = "-"
-        if target != "report":
-            limit = float(target.split()[1].rstrip("x"))
-            verdict = "met" if (value >= limit if higher else value <= limit) else "MISSED"
-        rows.append((goal, target, f"{value:.2f}x ({xs[key]:,.0f} vs {ns[key]:,.0f})", verdict))
+        value, xs, ns = found
+        shown = f"{value:.2f}x (medians {xs[key]:,.0f} vs {ns[key]:,.0f}{what})"
+        rows.append((goal, target, shown, verdict(target, value, higher)))
 
     for c in (16, 64):
-        ratio(
+        row(
             f"(a) 1-row unary, c={c}, inferences/s vs null",
             ">= 0.95x",
-            best(res, server="xorserve", api="unary", batching="on", concurrency=c, batch_rows=1),
-            best(res, server="null", concurrency=c, batch_rows=1),
+            paired_ratio(res, "infer_per_s", concurrency=c, batch_rows=1),
         )
-    xs = best(res, server="xorserve", api="unary", batching="on", concurrency=1, batch_rows=1)
-    nulls = [r for r in res if r["server"] == "null" and r["concurrency"] == 1 and r["batch_rows"] == 1]
-    ns = min(nulls, key=lambda r: r["p50_us"]) if nulls else None
-    ratio("(a) 1-row unary, c=1, p50 latency vs null", "<= 1.1x", xs, ns, key="p50_us", higher=False)
+    row(
+        "(a) 1-row unary, c=1, p50 latency vs null",
+        "<= 1.1x",
+        paired_ratio(res, "p50_us", concurrency=1, batch_rows=1),
+        key="p50_us",
+        higher=False,
+        what=" us",
+    )
     for c in (1, 16, 64):
-        ratio(
+        row(
             f"(b) 1,024-row unary, c={c}, rows/s vs null",
             ">= 0.95x",
-            best(res, server="xorserve", api="unary", batching="on", concurrency=c, batch_rows=1024),
-            best(res, server="null", concurrency=c, batch_rows=1024),
+            paired_ratio(res, "infer_per_s", concurrency=c, batch_rows=1024),
         )
-    ratio(
+    streaming = median_point(res, server="xorserve", api="streaming", batching="on", concurrency=16, batch_rows=1)
+    unary = median_point(res, server="null", concurrency=16, batch_rows=1)
+    row(
         "(c) 1-row streaming, c=16, vs null unary",
         ">= 1.5x",
-        best(res, server="xorserve", api="streaming", batching="on", concurrency=16, batch_rows=1),
-        best(res, server="null", concurrency=16, batch_rows=1),
+        None
+        if streaming is None or unary is None
+        else (streaming["infer_per_s"] / unary["infer_per_s"], streaming, unary),
     )
     unpinned = [r for r in data["results"] if not r["pinned"]]
     for c in (16, 64):
-        ratio(
+        two, one = median_point(unpinned, workers=2, concurrency=c), median_point(unpinned, workers=1, concurrency=c)
+        row(
             f"(d) --workers 2 vs 1, unpinned, 1-row unary, c={c}",
             "report",
-            best(unpinned, workers=2, concurrency=c),
-            best(unpinned, workers=1, concurrency=c),
+            None if two is None or one is None else (two["infer_per_s"] / one["infer_per_s"], two, one),
         )
     starts = data["starts"]
     if starts:
@@ -375,6 +421,8 @@ def markdown(data: dict, command: str, csv_path: Path, png_path: Path | None) ->
         f"Servers pinned to core {data['server_cpus']}, perf_analyzer to core {data['client_cpus']}; "
         f"{data['measure_ms']} ms windows, 3 per point. xorserve runs `--max-batch-size {XORSERVE_MAX_BATCH}` "
         "(perf_analyzer refuses requests larger than the reported maximum). "
+        f"Unary xorserve (batching on) and null points: {data['rounds']} rounds, each point measured on both "
+        "servers back to back; goals are medians of the per-round ratios, tables show medians over rounds. "
         f"Raw points: `{_shown(csv_path)}`.",
         "",
         "### Goals",
@@ -389,15 +437,13 @@ def markdown(data: dict, command: str, csv_path: Path, png_path: Path | None) ->
         "",
         "`infer/s` counts rows (1,024 per request in the 1,024-row rows); latencies in microseconds, client side.",
         "",
-        "| server | api | batching | rows | c | infer/s | p50 | p90 | p99 |",
-        "|---|---|---|---:|---:|---:|---:|---:|---:|",
+        "| server | api | batching | rows | c | rounds | infer/s | p50 | p90 | p99 |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    for r in data["results"]:
-        if not r["pinned"]:
-            continue
+    for r in summary(data["results"]):
         lines.append(
             f"| {r['server']} | {r['api']} | {r['batching']} | {r['batch_rows']} | {r['concurrency']} | "
-            f"{r['infer_per_s']:,.0f} | {r['p50_us']:,} | {r['p90_us']:,} | {r['p99_us']:,} |"
+            f"{r['rounds']} | {r['infer_per_s']:,.0f} | {r['p50_us']:,.0f} | {r['p90_us']:,.0f} | {r['p99_us']:,.0f} |"
         )
     worker_points = [r for r in data["results"] if not r["pinned"]]
     if worker_points:
@@ -431,6 +477,15 @@ def markdown(data: dict, command: str, csv_path: Path, png_path: Path | None) ->
     return "\n".join(lines)
 
 
+def summary(results: list[dict]) -> list[dict]:
+    """One median point per (server, api, batching, rows, concurrency) of the pinned results, in run order."""
+    keys = dict.fromkeys(
+        (r["server"], r["api"], r["batching"], r["batch_rows"], r["concurrency"]) for r in results if r["pinned"]
+    )
+    names = ("server", "api", "batching", "batch_rows", "concurrency")
+    return [median_point(results, pinned=True, **dict(zip(names, key, strict=True))) for key in keys]
+
+
 def plot(data: dict, path: Path) -> None:
     import matplotlib
 
@@ -439,9 +494,7 @@ def plot(data: dict, path: Path) -> None:
 
     fig, axes = plt.subplots(2, 2, figsize=(11, 7))
     series: dict[tuple, list] = {}
-    for r in data["results"]:
-        if not r["pinned"]:
-            continue
+    for r in summary(data["results"]):
         key = (
             r["batch_rows"],
             f"{r['server']} {r['api']}" + (f" batching {r['batching']}" if r["server"] != "null" else ""),
@@ -449,10 +502,7 @@ def plot(data: dict, path: Path) -> None:
         series.setdefault(key, []).append(r)
     for (rows, label), points in series.items():
         col = 0 if rows == 1 else 1
-        points = sorted(
-            {p["concurrency"]: p for p in sorted(points, key=lambda p: p["infer_per_s"])}.values(),
-            key=lambda p: p["concurrency"],
-        )
+        points = sorted(points, key=lambda p: p["concurrency"])
         xs = [p["concurrency"] for p in points]
         axes[0][col].plot(xs, [p["infer_per_s"] for p in points], marker="o", label=label)
         axes[1][col].plot(xs, [p["p99_us"] / 1000 for p in points], marker="o", label=label)
@@ -477,6 +527,7 @@ def main() -> int:
     parser.add_argument("--concurrency", default="1 16 64")
     parser.add_argument("--measure-ms", type=int, default=1500, help="perf_analyzer window (3 per point)")
     parser.add_argument("--cold-starts", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=3, help="rounds of the paired xorserve/null unary points")
     parser.add_argument("--no-workers", dest="workers", action="store_false", help="skip --workers 1 vs 2")
     parser.add_argument(
         "--only-workers",
@@ -494,6 +545,7 @@ def main() -> int:
     if args.quick:
         args.cold_starts = min(args.cold_starts, 1)
         args.workers = False
+        args.rounds = 1
     command = (
         "make bench" if os.environ.get("MAKELEVEL") else shlex.join(["python", "bench/serve_perf.py", *sys.argv[1:]])
     )
@@ -517,6 +569,7 @@ def main() -> int:
         server_cpus=args.server_cpus,
         client_cpus=args.client_cpus,
         measure_ms=args.measure_ms,
+        rounds=args.rounds,
     )
     args.csv.parent.mkdir(parents=True, exist_ok=True)
     with args.csv.open("w", newline="") as f:
@@ -535,7 +588,8 @@ def main() -> int:
             doc = doc.rstrip("\n") + "\n\n## Serving benchmark (bench/serve_perf.py)\n\n" + text + "\n"
         args.doc.write_text(doc)
     print(text)
-    print(f"took {time.monotonic() - begin:.0f} s; wrote {args.csv}, {args.plot}, {args.doc}", file=sys.stderr)
+    wrote = [args.csv, args.plot] + ([] if args.no_doc else [args.doc])
+    print(f"took {time.monotonic() - begin:.0f} s; wrote {', '.join(map(str, wrote))}", file=sys.stderr)
     return 0
 
 

@@ -2,7 +2,7 @@
 # bench/server_cpu.sh KIND CONC: one perf_analyzer point (server on core 0, client on core 1) and the
 # server's CPU per request, in all and for its busiest threads (from /proc), with context switches.
 #   KIND: null (../shared/bench null server) | new (this tree) | base (/tmp/ab-base, see ab_perf.sh)
-#         | xs:STEP (bench/price_steps.py STEP: const, dec, decort, full)
+#         | xs:STEP (bench/price_steps.py STEP: const1, const, dec, decort, full)
 #   ROWS (default 1), PA (extra perf_analyzer arguments, e.g. --streaming), XARGS (extra xorserve flags)
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -13,7 +13,7 @@ if [ $1 = null ]; then
   taskset -c 0 /tmp/venv-bench/bin/python $SHARED/v2_server.py --mode null --port $P > ${TMPDIR:-/tmp}/server-cpu-srv.log 2>&1 &
   pid=$!; until /tmp/venv-bench/bin/python $SHARED/probe.py --port $P --timeout 1 >/dev/null 2>&1; do sleep 0.2; done
 elif [[ $1 == xs:* ]]; then
-  (exec taskset -c 0 $PY bench/price_steps.py ${1#xs:} $P) > ${TMPDIR:-/tmp}/server-cpu-srv.log 2>&1 &
+  (exec taskset -c 0 $PY bench/price_steps.py ${1#xs:} --model-repository $ROOT/models --port $P --metrics-port 0 --max-batch-size 1024 ${XARGS:-}) > ${TMPDIR:-/tmp}/server-cpu-srv.log 2>&1 &
   pid=$!; until grep -q READY ${TMPDIR:-/tmp}/server-cpu-srv.log; do sleep 0.1; done
 else
   src=$ROOT; [ $1 = base ] && src=/tmp/ab-base
