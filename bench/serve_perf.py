@@ -326,18 +326,18 @@ def median_point(results, **match) -> dict | None:
     return point
 
 
-def paired_ratio(results, key: str, **match) -> tuple[float, dict, dict] | None:
-    """The median over rounds of xorserve / null for the unary points matching `match`, measured back to
-    back in each round, with the median points of both."""
+def paired_ratio(results, key: str, **match) -> tuple[tuple[float, float, float], dict, dict] | None:
+    """xorserve / null for the unary points matching `match`, measured back to back in each round: the
+    (median, lowest, highest) over rounds, with the median points of both."""
     xs = {r["round"]: r for r in matching(results, server="xorserve", api="unary", batching="on", **match)}
     ns = {r["round"]: r for r in matching(results, server="null", **match)}
     rounds = sorted(set(xs) & set(ns))
     if not rounds:
         return None
-    value = statistics.median(xs[i][key] / ns[i][key] for i in rounds)
+    ratios = [xs[i][key] / ns[i][key] for i in rounds]
     both = dict(api="unary", pinned=True, **match)
     return (
-        value,
+        (statistics.median(ratios), min(ratios), max(ratios)),
         median_point(results, server="xorserve", batching="on", **both),
         median_point(results, server="null", **both),
     )
@@ -358,7 +358,11 @@ def goals(data: dict) -> list[tuple[str, str, str, str]]:
             rows.append((goal, target, "not measured", "-"))
             return
         value, xs, ns = found
-        shown = f"{value:.2f}x (medians {xs[key]:,.0f} vs {ns[key]:,.0f}{what})"
+        spread = ""
+        if isinstance(value, tuple):  # paired rounds: (median, lowest, highest) ratio
+            value, low, high = value
+            spread = f"; rounds {low:.2f}-{high:.2f}x"
+        shown = f"{value:.2f}x (medians {xs[key]:,.0f} vs {ns[key]:,.0f}{what}{spread})"
         rows.append((goal, target, shown, verdict(target, value, higher)))
 
     for c in (16, 64):
@@ -525,9 +529,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="1-row requests, batching on only, no cold starts")
     parser.add_argument("--concurrency", default="1 16 64")
-    parser.add_argument("--measure-ms", type=int, default=1500, help="perf_analyzer window (3 per point)")
+    parser.add_argument("--measure-ms", type=int, default=1000, help="perf_analyzer window (3 per point)")
     parser.add_argument("--cold-starts", type=int, default=5)
-    parser.add_argument("--rounds", type=int, default=3, help="rounds of the paired xorserve/null unary points")
+    parser.add_argument("--rounds", type=int, default=5, help="rounds of the paired xorserve/null unary points")
     parser.add_argument("--no-workers", dest="workers", action="store_false", help="skip --workers 1 vs 2")
     parser.add_argument(
         "--only-workers",
