@@ -1,8 +1,9 @@
 """Dynamic batching for one model version: a bounded queue and one thread (and session) per instance.
 
-Requests wait in a queue. A batch closes when it holds `max_batch_size` rows or when its oldest
-request has waited `max_queue_delay_us`, whichever comes first, and an instance is free to run it;
-while every instance is busy, requests keep accumulating, so batches grow with the load. A batch's
+Requests wait in a queue. A batch closes when it holds `max_batch_size` rows (a batch run on the event
+loop, see below: its inline size) or when its oldest request has waited `max_queue_delay_us`,
+whichever comes first, and an instance is free to run it; while every instance is busy, requests
+keep accumulating, so batches grow with the load. A batch's
 inputs are concatenated along axis 0, run once by an instance's ONNX Runtime session in that
 instance's thread (ONNX Runtime releases the GIL), and the outputs are split back so that each caller
 gets exactly its own rows. A request larger than `max_batch_size` runs alone. A request whose deadline
@@ -129,7 +130,8 @@ class Batcher:
     session: for a model so small that such a batch runs faster than a hand-over to a thread and back
     (40 to 75 us of CPU on a 2-core machine), that is cheaper and loses no concurrency worth having.
     Batches formed there hold at most `min(inline_rows, max_batch_size)` rows; a request larger than
-    `inline_rows` runs in the instance threads, in a batch of up to `max_batch_size` rows.
+    `inline_rows` runs in the instance threads, batched with the requests queued behind it up to
+    `max_batch_size` rows (alone when batching is off).
     """
 
     def __init__(
@@ -162,6 +164,7 @@ class Batcher:
         self._metrics = metrics
         self._pending: deque[_Request] = deque()
         self._pending_rows = 0
+        self._pending_large = 0  # queued requests too large for the event loop
         self._running = 0
         self._closing = False
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -239,6 +242,8 @@ class Batcher:
         future = loop.create_future()
         self._pending.append(_Request(inputs, rows, deadline, loop.time(), future))
         self._pending_rows += rows
+        if rows > self._inline_rows:
+            self._pending_large += 1
         if self._coalesce and rows <= self._inline_rows:
             self._coalescer.hold(self)
         elif self._idle or self._inline_rows:
@@ -246,9 +251,10 @@ class Batcher:
         return future
 
     def answers_soon(self, rows: int) -> bool:
-        """True when a request of `rows` rows submitted now is held for coalescing (it runs within
-        COALESCE_MAX_S unless queued behind a larger one): awaiting it in line costs less than a task."""
-        return self._coalesce and rows <= self._inline_rows
+        """True when a request of `rows` rows submitted now is held for coalescing and runs within
+        COALESCE_MAX_S (no request for the instance threads is queued ahead of it): awaiting it in line
+        costs less than a task."""
+        return self._coalesce and rows <= self._inline_rows and not self._pending_large
 
     def _may_hold(self, now: float) -> bool:
         """Whether the held requests may wait for company: room left and the oldest young enough."""
@@ -275,7 +281,7 @@ class Batcher:
                     if self._timer is None:
                         self._timer = loop.call_at(close_at, self._on_timer)
                     return
-            batch = self._take(loop.time(), max_rows)
+            batch = self._take(loop.time(), max_rows, in_thread)
             if not batch:
                 continue
             if in_thread:
@@ -305,8 +311,10 @@ class Batcher:
         self._timer = None
         self._dispatch()
 
-    def _take(self, now: float, max_rows: int) -> list[_Request]:
-        """Pops the next batch: whole requests up to `max_rows` rows (one request alone if it is bigger)."""
+    def _take(self, now: float, max_rows: int, in_thread: bool) -> list[_Request]:
+        """Pops the next batch: whole requests up to `max_rows` rows (one request alone if it is bigger).
+        A batch for the event loop (`in_thread` False) stops before a request too large to run there,
+        which can come first once a cancelled or expired head is dropped: `_dispatch` places it."""
         batch: list[_Request] = []
         rows = 0
         pending = self._pending
@@ -315,8 +323,12 @@ class Batcher:
             request = pending[0]
             if batch and rows + request.rows > max_rows:
                 break
+            if not in_thread and request.rows > self._inline_rows:
+                break
             pending.popleft()
             self._pending_rows -= request.rows
+            if request.rows > self._inline_rows:
+                self._pending_large -= 1
             if request.future.done():  # cancelled by its caller while queued
                 continue
             if request.deadline is not None and request.deadline <= now:
@@ -406,6 +418,7 @@ class Batcher:
             if not request.future.done():
                 request.future.set_exception(UnavailableError(f"model '{self.name}' shut down before running it"))
         self._pending_rows = 0
+        self._pending_large = 0
         for inbox in self._inboxes:
             inbox.put(None)
         # Threads are daemons: one stuck in a long run does not keep the process alive.

@@ -54,7 +54,7 @@ from prometheus_client import CollectorRegistry, multiprocess, start_http_server
 from serving._proto import grpc_service_pb2 as pb
 from serving._proto import grpc_service_pb2_grpc as pb_grpc
 from serving.batching import BatchPolicy
-from serving.cli import env_default
+from serving.cli import env_default, number
 from serving.dataplane import DataPlane
 from serving.metrics import Metrics
 from serving.runtime import DEVICES, DeviceUnavailableError, SessionSettings
@@ -316,7 +316,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--inline-max-us",
-        type=int,
+        type=number(int, minimum=0),
         default=e("inline_max_us", None),
         help="run a model's batches on the event loop instead of instance threads up to the largest size "
         "(--max-batch-size, halved until it fits) that runs within this many microseconds, measured at load; "
@@ -335,9 +335,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def default_inline_max_us() -> int:
     """--inline-max-us when not given. With several cores a batch handed to an instance thread runs beside
     the event loop, so only batches cheaper than the hand-over (40-75 us of CPU) run on the loop. With one
-    core (`taskset`, a one-CPU container) a thread runs nothing in parallel: the hand-over buys only
-    responsiveness during a long run, so batches of up to 0.5 ms run on the loop (docs/benchmarks.md)."""
-    return 500 if len(os.sched_getaffinity(0)) == 1 else 50
+    core to run on (`taskset`, a cpuset of one CPU; a CPU quota such as `docker --cpus 1` does not show
+    here) a thread runs nothing in parallel: the hand-over buys only responsiveness during a long run, so
+    batches of up to 0.5 ms run on the loop (docs/benchmarks.md)."""
+    affinity = getattr(os, "sched_getaffinity", None)  # Linux; elsewhere count the machine's CPUs
+    cores = len(affinity(0)) if affinity is not None else (os.cpu_count() or 1)
+    return 500 if cores == 1 else 50
 
 
 def config_from_args(args: argparse.Namespace) -> ServerConfig:

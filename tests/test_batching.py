@@ -342,3 +342,32 @@ def test_rows_within_halves_the_largest_batch_until_it_runs_within_the_budget(mo
     monkeypatch.setattr(repository, "run_seconds", run_seconds)
     assert repository.rows_within(None, 64, budget_us * 1e-6) == expected
     assert tried == [64, 32, 16, 8, 4, 2, 1][: len(tried)]
+
+
+@pytest.mark.parametrize("how", ["cancelled", "expired"])
+def test_a_large_request_behind_a_dropped_small_one_still_runs_in_a_thread(how):
+    async def scenario():
+        session = RecordingSession()
+        b = batcher(session, inline_rows=4, max_batch_size=8)
+        b.start()
+        loop = asyncio.get_running_loop()
+        session.gate.clear()
+        first = b.submit(request(8, 0), 8)  # the only instance is busy with it
+        await wait_entered(session)
+        second = b.submit(request(8, 100), 8)
+        small = b.submit(request(1, 200), 1, deadline=loop.time() + 0.01 if how == "expired" else None)
+        large = b.submit(request(8, 300), 8)  # too large for the event loop
+        assert not b.answers_soon(1)  # a small request now would wait for the thread: not held in line
+        if how == "cancelled":
+            small.cancel()
+        else:
+            await asyncio.sleep(0.05)
+        session.gate.set()
+        await asyncio.gather(first, second, large)
+        await b.close()
+        return session
+
+    session = asyncio.run(scenario())
+    (where,) = [thread for batch, thread in zip(session.batches, session.threads, strict=True) if batch[0, 0] == 300]
+    assert where != threading.main_thread().name
+    assert sorted(len(batch) for batch in session.batches) == [8, 8, 8]

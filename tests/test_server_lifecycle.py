@@ -222,3 +222,8 @@ def test_the_inline_budget_defaults_by_the_cores_the_server_may_use(monkeypatch)
     assert server.default_inline_max_us() == 500  # one core: a thread would run nothing in parallel
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})
     assert server.default_inline_max_us() == 50
+    monkeypatch.setenv("XORSERVE_INLINE_MAX_US", "-1")  # read when the flags are declared
+    parser = argparse.ArgumentParser()
+    server.add_arguments(parser)
+    with pytest.raises(SystemExit):  # argparse names the flag and the bound on stderr
+        parser.parse_args(["--model-repository", "m"])
