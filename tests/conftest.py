@@ -8,12 +8,17 @@
   module; `.address` ("127.0.0.1:PORT"), `.grpc_port`, `.metrics_port`, `.running` (RunningServer).
 - `server_factory(**config)`: starts more servers with ServerConfig overrides; each stops at test end.
 - `shipped_model_repository`: the repository's `models/` folder; skips when models/xor/1 is missing.
+- `cuda_works`: whether ONNX Runtime's CUDA execution provider opens a session here (session-scoped).
+- `serve_without_cuda(*flags)`: runs `xorserve serve --device cuda` with `flags` on `model_repository`
+  to its exit (`subprocess.CompletedProcess`, text); skips the test where CUDA works.
 The server runs its asyncio loop in a background thread, so tests stay synchronous.
 """
 
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -23,6 +28,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+from serving.runtime import DeviceUnavailableError, SessionSettings, open_session
 from serving.server import RunningServer, ServerConfig, start_server
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -129,6 +135,28 @@ class ServerThread:
             self.loop.call_soon_threadsafe(self.loop.stop)
             self._thread.join(30)
         self.loop.close()
+
+
+@pytest.fixture(scope="session")
+def cuda_works(model_repository: Path) -> bool:
+    try:
+        open_session(model_repository / "xor" / "1" / "model.onnx", SessionSettings(device="cuda"))
+    except DeviceUnavailableError:
+        return False
+    return True
+
+
+@pytest.fixture
+def serve_without_cuda(model_repository: Path, cuda_works: bool) -> Callable[..., subprocess.CompletedProcess]:
+    if cuda_works:
+        pytest.skip("CUDA works here; this checks the machine without it")
+
+    def run(*flags: str) -> subprocess.CompletedProcess:
+        command = [sys.executable, "-m", "serving.cli", "serve", "--model-repository", str(model_repository)]
+        command += [*flags, "--device", "cuda", "--port", "0", "--metrics-port", "0"]
+        return subprocess.run(command, capture_output=True, text=True, timeout=120)
+
+    return run
 
 
 @pytest.fixture(scope="module")

@@ -37,6 +37,25 @@ def xorserve_loadtest(out: Path, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run(command, capture_output=True, text=True, timeout=RUN_TIMEOUT_S)
 
 
+def start_reading(command: list[str]) -> tuple[subprocess.Popen, threading.Event, list[str], threading.Thread]:
+    """Starts `command` with its output collected line by line in a thread (stdout and stderr together);
+    the event is set once Locust says all users are spawned, or the output ends."""
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    spawned = threading.Event()
+    output: list[str] = []
+
+    def pump() -> None:
+        for line in process.stdout:
+            output.append(line)
+            if "All users spawned" in line:
+                spawned.set()
+        spawned.set()
+
+    reader = threading.Thread(target=pump, daemon=True)
+    reader.start()
+    return process, spawned, output, reader
+
+
 def csv_counts(out: Path) -> dict[str, tuple[int, int]]:
     with (out / "locust_stats.csv").open(newline="") as file:
         return {row["Name"]: (int(row["Request Count"]), int(row["Failure Count"])) for row in csv.DictReader(file)}
@@ -273,19 +292,7 @@ def test_server_stopped_halfway_shows_as_failures_and_exits_non_zero(tmp_path, s
     handle = server_factory()
     command = [sys.executable, "-m", "serving.cli", "loadtest", "--url", handle.address, "--out", str(tmp_path)]
     command += ["--users", "8", "--duration", "5s", "--deadline-ms", "500"]
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    spawned = threading.Event()
-    output: list[str] = []
-
-    def pump() -> None:
-        for line in process.stdout:
-            output.append(line)
-            if "All users spawned" in line:
-                spawned.set()
-        spawned.set()
-
-    reader = threading.Thread(target=pump, daemon=True)
-    reader.start()
+    process, spawned, output, reader = start_reading(command)
     try:
         assert spawned.wait(60), "".join(output)
         handle.stop(grace_s=1.0)
@@ -340,19 +347,7 @@ def _alive(process: psutil.Process) -> bool:
 def test_sigterm_stops_the_runner_its_server_and_locust(tmp_path, model_repository):
     command = [sys.executable, "-m", "serving.cli", "loadtest", "--start-server", "--out", str(tmp_path)]
     command += ["--model-repository", str(model_repository), "--users", "2", "--duration", "30s"]
-    runner = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    spawned = threading.Event()
-    output: list[str] = []
-
-    def pump() -> None:
-        for line in runner.stdout:
-            output.append(line)
-            if "All users spawned" in line:
-                spawned.set()
-        spawned.set()
-
-    reader = threading.Thread(target=pump, daemon=True)
-    reader.start()
+    runner, spawned, output, reader = start_reading(command)
     children: list[psutil.Process] = []
     try:
         assert spawned.wait(90), "".join(output)

@@ -26,7 +26,7 @@ from serving._proto import grpc_service_pb2 as pb
 from serving._proto import grpc_service_pb2_grpc as pb_grpc
 from serving.cli import command_parser
 from serving.launch import ServerProcess
-from serving.runtime import CUDA, DeviceUnavailableError, SessionSettings, open_session
+from serving.runtime import SessionSettings, open_session
 
 WORKERS = ["--workers", "2"]
 # Channels in one process share their TCP connections unless told not to; each of these has its own,
@@ -235,20 +235,8 @@ def test_workers_on_a_port_another_program_listens_on_fail_to_start(model_reposi
     assert "cannot start" in done.stderr
 
 
-def test_a_worker_that_cannot_start_fails_start_up_without_a_ready_line(model_repository):
-    try:
-        open_session(model_repository / "xor" / "1" / "model.onnx", SessionSettings(device="cuda"))
-    except DeviceUnavailableError:
-        pass
-    else:
-        pytest.skip(f"{CUDA} works here; this needs --device cuda to fail")
-    done = subprocess.run(
-        [sys.executable, "-m", "serving.cli", "serve", "--model-repository", str(model_repository), *WORKERS]
-        + ["--device", "cuda", "--port", "0", "--metrics-port", "0"],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+def test_a_worker_that_cannot_start_fails_start_up_without_a_ready_line(serve_without_cuda):
+    done = serve_without_cuda(*WORKERS)
     assert done.returncode == 1
     assert "READY" not in done.stdout
     assert re.search(r"cannot start: worker \d: .*--device cuda", done.stderr), done.stderr
