@@ -1,7 +1,9 @@
 """Train the XOR classifier of the notes, save its state_dict, export it to ONNX, check parity, and write
 report.json and the plots: everything a model-repository version folder (<repo>/<model>/<version>/) holds.
 
-Same seed, same settings, same machine: the same state_dict.pt and model.onnx, byte for byte.
+Same seed, same settings: the same state_dict.pt and model.onnx, byte for byte, on every x86-64 CPU
+(`--numerics pinned`, the default; see trainer/numerics.py). report.json is the same file too, except its
+"parity" section: ONNX Runtime picks its kernels by the CPU, so those errors are this machine's.
 Everything is written into a hidden sibling of the folder (.<name>.<random>.tmp) that replaces the folder
 only once the run has finished, so a failed or interrupted run leaves the previous folder as it was.
 Exit status: 0 when parity passes, 1 when it misses (the folder is still written: its report.json records
@@ -26,6 +28,7 @@ import torch
 from serving.cli import env_default, number
 from trainer.export import OPSET, add_name_arguments, export_state_dict, resolve_names, sha256_file
 from trainer.model import architecture
+from trainer.numerics import MODES as NUMERICS_MODES
 from trainer.parity import format_table, run_parity
 from trainer.train import MAX_SEED, TrainSettings, train
 
@@ -74,6 +77,7 @@ def build_report(model_name, model_version, settings, result, parity, out: Path)
             "optimizer": "SGD",
             "architecture": architecture(result.model),
         },
+        "numerics": result.numerics,
         "loss_per_epoch": [round(loss, 6) for loss in result.losses],
         "parity": parity,
         "artifacts": {
@@ -157,6 +161,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="train on CUDA when PyTorch sees one (auto) or on the device named; parity uses the same choice "
         "(env XORSERVE_DEVICE)",
     )
+    parser.add_argument(
+        "--numerics",
+        choices=NUMERICS_MODES,
+        default=env_default("numerics", "pinned"),
+        help="pinned: the same bytes on every x86-64 CPU (baseline kernels, one thread); native: this CPU's "
+        "fastest kernels, the same bytes only on this machine (env XORSERVE_NUMERICS)",
+    )
     add_name_arguments(parser, "train")
     parser.add_argument(
         "--no-plots",
@@ -177,7 +188,7 @@ def write_folder(args: argparse.Namespace, settings: TrainSettings, names: tuple
 
     model_name, model_version = names
     try:
-        result = train(settings, device=args.device)
+        result = train(settings, device=args.device, numerics_mode=args.numerics)
     except DeviceUnavailableError as exc:
         return _fail(str(exc))
     print(f"Test accuracy: {100.0 * result.test_accuracy:4.2f}% ({len(result.test_dataset)} test points)")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import sys
 from dataclasses import asdict, dataclass
 
 import torch
@@ -11,6 +12,7 @@ import torch.utils.data as data
 from tqdm import tqdm
 
 from serving.runtime import DeviceUnavailableError
+from trainer import numerics
 from trainer.dataset import XORDataset
 from trainer.model import XorClassifier
 
@@ -62,6 +64,7 @@ class TrainResult:
     device: str
     train_dataset: XORDataset
     test_dataset: XORDataset
+    numerics: dict  # the kernels and settings in effect (trainer.numerics)
 
 
 def pick_device(name: str) -> torch.device:
@@ -80,7 +83,7 @@ def train_model(model, optimizer, data_loader, loss_module, num_epochs=100, devi
     # Set model to train mode
     model.train()
     losses = []
-    epochs = tqdm(range(num_epochs), desc="train", unit="epoch", disable=not progress)
+    epochs = epoch_progress(num_epochs, enabled=progress)
     for _epoch in epochs:
         epoch_loss = 0.0
         for data_inputs, data_labels in data_loader:
@@ -109,6 +112,33 @@ def train_model(model, optimizer, data_loader, loss_module, num_epochs=100, devi
     return losses
 
 
+class PlainProgress:
+    """Progress as a few plain lines, for a log or a pipe, where a bar's frames would pile up on one line."""
+
+    LINES = 10
+
+    def __init__(self, total: int, stream):
+        self.total, self.stream, self.epoch = total, stream, 0
+        self.every = max(1, -(-total // self.LINES))  # ceil: at most LINES lines, the last epoch always
+
+    def __iter__(self):
+        for epoch in range(self.total):
+            self.epoch = epoch + 1
+            yield epoch
+
+    def set_postfix(self, loss: str) -> None:
+        if self.epoch % self.every == 0 or self.epoch == self.total:
+            print(f"train: epoch {self.epoch}/{self.total} loss={loss}", file=self.stream, flush=True)
+
+
+def epoch_progress(num_epochs: int, enabled: bool = True, stream=None):
+    """The epochs to loop over, shown as a bar on a terminal and as plain lines otherwise (or not at all)."""
+    stream = sys.stderr if stream is None else stream
+    if enabled and not stream.isatty():
+        return PlainProgress(num_epochs, stream)
+    return tqdm(range(num_epochs), desc="train", unit="epoch", disable=not enabled, file=stream)
+
+
 def eval_model(model, data_loader, device="cpu"):
     """Accuracy (a fraction) of the model on the data: a point is class 1 when sigmoid(logit) >= 0.5."""
     model.eval()  # Set model to eval mode
@@ -125,9 +155,17 @@ def eval_model(model, data_loader, device="cpu"):
     return true_preds / num_preds
 
 
-def train(settings: TrainSettings, device: str = "auto", progress: bool = True) -> TrainResult:
-    """Data sets, model, loss and optimiser as in the notes, trained and evaluated; deterministic for a seed."""
-    torch_device = pick_device(device)
+def train(
+    settings: TrainSettings, device: str = "auto", progress: bool = True, numerics_mode: str = "pinned"
+) -> TrainResult:
+    """Data sets, model, loss and optimiser as in the notes, trained and evaluated; deterministic for a seed.
+
+    With `numerics_mode` "pinned" (trainer.numerics) the weights are the same bytes on every x86-64 CPU."""
+    with numerics.apply(numerics_mode) as in_effect:
+        return _train(settings, pick_device(device), progress, in_effect)
+
+
+def _train(settings: TrainSettings, torch_device: torch.device, progress: bool, in_effect: dict) -> TrainResult:
     train_dataset = XORDataset(size=settings.train_size, std=settings.std, seed=settings.seed)
     test_dataset = XORDataset(size=settings.test_size, std=settings.std, seed=settings.seed + TEST_SEED_OFFSET)
     # The shuffling order comes from its own generator, seeded like the rest.
@@ -146,7 +184,11 @@ def train(settings: TrainSettings, device: str = "auto", progress: bool = True) 
     loss_module = nn.BCEWithLogitsLoss()
     optimizer = torch.optim.SGD(model.parameters(), lr=settings.lr)
     log.info(
-        "event=train_start device=%s %s", torch_device, " ".join(f"{k}={v}" for k, v in settings.as_dict().items())
+        "event=train_start device=%s numerics=%s cpu_capability=%s %s",
+        torch_device,
+        in_effect["mode"],
+        in_effect["cpu_capability"],
+        " ".join(f"{k}={v}" for k, v in settings.as_dict().items()),
     )
     losses = train_model(
         model, optimizer, train_data_loader, loss_module, settings.epochs, device=torch_device, progress=progress
@@ -162,4 +204,5 @@ def train(settings: TrainSettings, device: str = "auto", progress: bool = True) 
         device=torch_device.type,
         train_dataset=train_dataset,
         test_dataset=test_dataset,
+        numerics=in_effect,
     )
