@@ -78,6 +78,44 @@ def test_model_with_other_weights_fails(model_folder, other_weights_onnx, tmp_pa
     assert outputs["probability"]["labels_differing"] > 0
 
 
+def boundary_model_folder(folder, onnx_bias: float):
+    """state_dict.pt with logit = tanh(x1) - tanh(x2), exactly 0 on the grid's diagonal (x1 == x2) in any
+    summation order; model.onnx exported from the same weights with the output bias set to `onnx_bias`."""
+    folder.mkdir(parents=True, exist_ok=True)
+    model = XorClassifier()
+    with torch.no_grad():
+        model.linear1.weight.copy_(torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.0, 0.0], [0.0, 0.0]]))
+        model.linear1.bias.zero_()
+        model.linear2.weight.copy_(torch.tensor([[1.0, -1.0, 0.0, 0.0]]))
+        model.linear2.bias.zero_()
+    torch.save(model.state_dict(), folder / "state_dict.pt")
+    with torch.no_grad():
+        model.linear2.bias.fill_(onnx_bias)
+    torch.save(model.state_dict(), folder / "shifted.pt")
+    export_state_dict(folder / "shifted.pt", folder / "model.onnx")
+    (folder / "shifted.pt").unlink()
+    return folder
+
+
+def test_model_with_grid_points_exactly_on_its_boundary_passes_and_reports_them(tmp_path, capsys):
+    # ONNX Runtime's logits are 1e-7 below PyTorch's: within tolerance, and every diagonal point changes side.
+    folder = boundary_model_folder(tmp_path / "boundary", onnx_bias=-1e-7)
+    assert main(["parity", str(folder), "--device", "cpu", "--json", str(tmp_path / "parity.json")]) == 0
+    assert "on boundary" in capsys.readouterr().out
+    logits = json.loads((tmp_path / "parity.json").read_text())["paths"][0]["outputs"]["logits"]
+    assert logits["on_boundary"] >= 1000  # the diagonal of the 1,000 x 1,000 grid
+    assert logits["labels_differing_on_boundary"] >= 1000
+    assert logits["labels_differing"] == 0
+
+
+def test_model_whose_labels_move_off_the_boundary_fails(tmp_path):
+    folder = boundary_model_folder(tmp_path / "moved", onnx_bias=-1e-3)
+    result = run_parity(folder, device="cpu")
+    assert result["passed"] is False
+    logits = result["paths"][0]["outputs"]["logits"]
+    assert logits["labels_differing"] > 0  # points whose reference lies in (1e-5, 1e-3): off the boundary
+
+
 def test_model_with_a_renamed_output_is_refused_with_the_reason(model_folder, tmp_path, capsys):
     folder = tmp_path / "renamed"
     folder.mkdir()
@@ -114,12 +152,25 @@ def _outputs(logits):
     return {"logits": logits, "probability": 1 / (1 + np.exp(-logits))}
 
 
-def test_compare_fails_on_a_single_flipped_label_within_tolerance():
-    reference = _outputs([-2.0, 1e-7, 3.0])
-    candidate = _outputs([-2.0, -1e-7, 3.0])
+def test_compare_counts_boundary_points_and_leaves_them_out_of_label_agreement():
+    # A reference within the tolerance of the threshold: an output within tolerance may fall on either side.
+    reference = _outputs([-2.0, 0.0, 1e-7, 3.0])
+    candidate = _outputs([-2.0, -1e-7, -1e-7, 3.0])
     result = compare(reference, candidate)
-    assert result["outputs"]["logits"]["max_abs_error"] < 1e-5
-    assert result["outputs"]["logits"]["labels_differing"] == 1
+    logits = result["outputs"]["logits"]
+    assert logits["on_boundary"] == 2
+    assert logits["labels_differing_on_boundary"] == 2
+    assert logits["labels_differing"] == 0 and logits["label_agreement"] == 1.0
+    assert result["outputs"]["probability"]["on_boundary"] == 2
+    assert result["passed"] is True
+
+
+def test_compare_fails_on_a_label_flipped_off_the_boundary():
+    result = compare(_outputs([-2.0, 2e-5, 3.0]), _outputs([-2.0, -1e-6, 3.0]))
+    logits = result["outputs"]["logits"]
+    assert logits["on_boundary"] == 0
+    assert logits["labels_differing"] == 1
+    assert logits["label_agreement"] == pytest.approx(2 / 3)
     assert result["passed"] is False
 
 
