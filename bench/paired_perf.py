@@ -10,6 +10,7 @@ variant the median rows/s and the median over rounds of its ratio to the first v
 
 Variants (idle ones wait in epoll and cost nothing measurable):
     null                      ../shared/bench v2_server.py --mode null, the Python gRPC ceiling
+    ort                       v2_server.py --mode ort: models/xor/1 in ONNX Runtime once per request (the naive peer)
     new[:FLAG,FLAG...]        xorserve from this tree with extra `serve` flags, e.g. new:--max-batch-size=4096
     base[:FLAGS]              xorserve from $BASE_DIR (default /tmp/ab-base; `git archive HEAD serving`
                               unpacked there when missing)
@@ -34,8 +35,8 @@ PYTHON = str(ROOT / ".venv" / "bin" / "python")
 
 
 def start_variant(spec: str, cpus: str) -> Server:
-    if spec == "null":
-        return start_null(cpus)
+    if spec in ("null", "ort"):
+        return start_null(cpus, mode=spec)
     name, _, rest = spec.partition(":")
     if name == "xs":
         kind, _, rest = rest.partition(":")

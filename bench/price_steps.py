@@ -1,4 +1,4 @@
-"""xorserve with DataPlane.start_infer cut down, to price each step of a request in situ (under load).
+"""xorserve with DataPlane.infer cut down, to price each step of a request in situ (under load).
 
     .venv/bin/python bench/price_steps.py KIND [xorserve serve flags]  # KIND: const1|const|dec|decort|full
 
@@ -10,16 +10,17 @@ bench/server_cpu.sh and bench/paired_perf.py (a measuring tool, not a server to 
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-import serving.dataplane as dp  # noqa: E402
-from serving import server  # noqa: E402
+import serving.server.dataplane as dp  # noqa: E402
 from serving._proto import grpc_service_pb2 as pb  # noqa: E402
+from serving.cli import serve  # noqa: E402
+from serving.cli.flags import Parser  # noqa: E402
+from serving.server import codec  # noqa: E402
 
 
 def main() -> int:
@@ -28,28 +29,36 @@ def main() -> int:
         sys.exit(f"unknown KIND {kind!r}; see the docstring")
     prebuilt: list[pb.ModelInferResponse] = []
 
-    def start_infer(self, request, time_remaining):
+    async def infer(self, request, time_remaining):
         served = self.resolve(request.model_name, request.model_version)
+        session = served.loaded.sessions[0]
         if kind in ("dec", "decort"):
             arrays, _ = served.decoder.decode(request)
             if kind == "decort":
-                served.batcher._run_first(served.batcher._output_names, arrays, None)
+                session.run(list(served.output_names), arrays)
         if not prebuilt:  # the real answer to the first request, computed directly
             inputs, _ = served.decoder.decode(request)
-            outputs = served.batcher._run_first(served.batcher._output_names, inputs, None)
-            results = dict(zip(served.output_names, outputs, strict=True))
-            outputs = served.loaded.outputs[:1] if kind == "const1" else served.loaded.outputs
-            prebuilt.append(served.encoder.encode("", outputs, results))
+            outputs = session.run(list(served.output_names), inputs)
+            chosen = served.loaded.outputs[:1] if kind == "const1" else served.loaded.outputs
+            prebuilt.append(
+                codec.encode_response(
+                    served.loaded.model,
+                    served.loaded.version,
+                    "",
+                    chosen,
+                    dict(zip(served.output_names, outputs, strict=True)),
+                )
+            )
         response = pb.ModelInferResponse()
         response.CopyFrom(prebuilt[0])
         response.id = request.id
         return response
 
     if kind != "full":
-        dp.DataPlane.start_infer = start_infer
-    parser = argparse.ArgumentParser()
-    server.add_arguments(parser)
-    return server.run(parser.parse_args(flags))
+        dp.DataPlane.infer = infer
+    parser = Parser(prog="price_steps")
+    serve.add_arguments(parser)
+    return serve.run(parser.parse_args(flags))
 
 
 if __name__ == "__main__":

@@ -147,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
         tuning += ["--log-level", "WARNING"]
 
         results = {}
-        command = [*score, str(tmp / "local.parquet"), "--model", str(args.model), "--device", "cpu", *tuning]
+        command = [*score, str(tmp / "local.parquet"), "--model-dir", str(args.model), "--device", "cpu", *tuning]
         results["in-process"] = run_scorer(command)
         results["in-process"]["pinning"] = "none (all cores)"
         server = Server(tmp / "repository", "0" if pin else None)

@@ -150,10 +150,14 @@ def start_server(
     raise RuntimeError(f"{label} did not print READY: {''.join(lines)[-2000:]}")
 
 
-def start_null(cpus: str | None = "0", timeout_s: float = 60.0) -> Server:
+def start_null(cpus: str | None = "0", timeout_s: float = 60.0, mode: str = "null") -> Server:
+    """../shared/bench/v2_server.py: `null` (no model: the ceiling) or `ort` (the shipped model run once per
+    request in ONNX Runtime, no batching: the naive peer)."""
     port = free_port()
-    command = [*_pin(cpus), str(VENV_BENCH / "bin" / "python"), str(BENCH / "v2_server.py"), "--mode", "null"]
+    command = [*_pin(cpus), str(VENV_BENCH / "bin" / "python"), str(BENCH / "v2_server.py"), "--mode", mode]
     command += ["--host", "127.0.0.1", "--port", str(port)]
+    if mode == "ort":
+        command += ["--model", str(ROOT / "models" / "xor" / "1" / "model.onnx")]
     begin = time.perf_counter()
     process = subprocess.Popen(
         command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, start_new_session=True

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # bench/server_cpu.sh KIND CONC: one perf_analyzer point (server on core 0, client on core 1) and the
 # server's CPU per request, in all and for its busiest threads (from /proc), with context switches.
-#   KIND: null (../shared/bench null server) | new (this tree) | base (/tmp/ab-base, see ab_perf.sh)
+#   KIND: null | ort (../shared/bench v2_server.py --mode null/ort: no model / the shipped model per request)
+#         | new (this tree) | base (/tmp/ab-base, see ab_perf.sh)
 #         | xs:STEP (bench/price_steps.py STEP: const1, const, dec, decort, full)
 #   ROWS (default 1), PA (extra perf_analyzer arguments, e.g. --streaming), XARGS (extra xorserve flags)
 cd "$(dirname "$0")/.."
@@ -9,8 +10,8 @@ ROOT=$PWD
 SHARED=$(cd "$ROOT/../shared/bench" && pwd)
 PY=$ROOT/.venv/bin/python
 P=18194
-if [ $1 = null ]; then
-  taskset -c 0 /tmp/venv-bench/bin/python $SHARED/v2_server.py --mode null --port $P > ${TMPDIR:-/tmp}/server-cpu-srv.log 2>&1 &
+if [ $1 = null ] || [ $1 = ort ]; then
+  taskset -c 0 /tmp/venv-bench/bin/python $SHARED/v2_server.py --mode $1 --port $P --model $ROOT/models/xor/1/model.onnx > ${TMPDIR:-/tmp}/server-cpu-srv.log 2>&1 &
   pid=$!; until /tmp/venv-bench/bin/python $SHARED/probe.py --port $P --timeout 1 >/dev/null 2>&1; do sleep 0.2; done
 elif [[ $1 == xs:* ]]; then
   (exec taskset -c 0 $PY bench/price_steps.py ${1#xs:} --model-repository $ROOT/models --port $P --metrics-port 0 --max-batch-size 1024 ${XARGS:-}) > ${TMPDIR:-/tmp}/server-cpu-srv.log 2>&1 &
@@ -36,9 +37,9 @@ awk -v k=$1 -v r=$rate -v u=$((ub-ua)) -v v=$((vb-va)) -v n=$((nb-na)) -v th=$(c
 python3 -c '
 import sys
 r=float(sys.argv[1])*3
-a={l.split()[1]:list(map(int,l.split()[2:])) for l in open("${TMPDIR:-/tmp}/server-cpu-ta")}
-b={l.split()[1]:list(map(int,l.split()[2:])) for l in open("${TMPDIR:-/tmp}/server-cpu-tb")}
+a={l.split()[1]:list(map(int,l.split()[2:])) for l in open(sys.argv[2])}
+b={l.split()[1]:list(map(int,l.split()[2:])) for l in open(sys.argv[3])}
 rows=[(k,[(y-x)/r for x,y in zip(a[k],b[k])]) for k in b if k in a]
 for k,(c,v,n) in sorted(rows,key=lambda x:-x[1][0])[:6]: print("   %-24s cpu_us/req=%5.1f vol/req=%.2f invol/req=%.2f"%(k,c*10000,v,n))
-' $rate
+' $rate ${TMPDIR:-/tmp}/server-cpu-ta ${TMPDIR:-/tmp}/server-cpu-tb
 kill -TERM $pid; wait $pid

@@ -10,7 +10,8 @@ differ from Locust's, which time failed calls too. Prints the summary as a table
 succeeded) and exits:
   0  every objective holds
   1  one is missed: p99 above --max-p99-ms, failure ratio above --max-fail-ratio, no call succeeded
-  2  the run could not be made (bad arguments: one line on stderr; the server or Locust failed)
+  2  bad arguments (one line on stderr), an --out that cannot be made, or Locust itself failed
+  3  the server could not be reached before the run (or --start-server's server did not start)
   143 stopped by SIGTERM (Locust and a --start-server server are stopped first)
 
     xorserve loadtest --url 127.0.0.1:8001 --users 32 --spawn-rate 32 --duration 30s --out out/loadtest
@@ -33,7 +34,7 @@ from pathlib import Path
 from typing import TextIO
 
 from loadtest.timings import ResponseTimes, summarize
-from serving.cli import env_default, number
+from serving.cli.flags import CHECK_FAILED, OK, UNREACHABLE, USAGE, Parser, flag, model, model_repository, number, url
 
 log = logging.getLogger("xorserve.loadtest")
 
@@ -45,87 +46,55 @@ WORKER_CONNECT_S = 30
 _DURATION = re.compile(r"^(?:(?P<h>\d+)h)?(?:(?P<m>\d+)m)?(?:(?P<s>\d+)s?)?$")
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    def usage_error(message: str):
-        # One line, exit 2 ("the run could not be made"), for a flag or its environment variable alike.
-        parser.exit(2, f"{parser.prog}: error: {message}\n")
-
-    parser.error = usage_error
-    # Numeric defaults are given as text so that argparse checks them with the flag's type, also when
-    # they come from the environment (argparse converts and checks only string defaults).
-    parser.add_argument("--url", default=env_default("url", "127.0.0.1:8001"), help="server HOST:PORT (XORSERVE_URL)")
-    parser.add_argument("--model", default=env_default("model", "xor"), help="model to call (XORSERVE_MODEL)")
-    parser.add_argument(
-        "--users",
-        type=number(int, minimum=1),
-        default=env_default("users", "32"),
-        help="concurrent Locust users (XORSERVE_USERS)",
-    )
-    parser.add_argument(
+def add_arguments(parser: Parser) -> None:
+    url(parser)
+    model(parser, help="model to call")
+    flag(parser, "--users", type=number(int, minimum=1), default=32, help="concurrent Locust users")
+    flag(
+        parser,
         "--spawn-rate",
         type=number(float, above=0),
-        default=env_default("spawn_rate", None),
-        help="users started per second; default: --users, all within a second (XORSERVE_SPAWN_RATE)",
+        help="users started per second; default: --users, all within a second",
     )
-    parser.add_argument(
-        "--duration",
-        type=duration_s,
-        default=env_default("duration", "30s"),
-        help="run time, e.g. 30s, 2m, 1h30m (XORSERVE_DURATION)",
-    )
-    parser.add_argument(
+    flag(parser, "--duration", type=duration_s, default=30, help="run time in seconds, or e.g. 30s, 2m, 1h30m")
+    flag(
+        parser,
         "--out",
+        env="LOADTEST_OUT",
         type=out_folder,
-        default=env_default("loadtest_out", "out/loadtest"),
-        help="result folder, created if missing (XORSERVE_LOADTEST_OUT)",
+        default=Path("out/loadtest"),
+        help="result folder, created if missing",
     )
-    parser.add_argument(
+    flag(
+        parser,
         "--max-p99-ms",
         type=number(float, above=0),
-        default=env_default("max_p99_ms", None),
-        help="objective: p99 latency of the successful requests at most this (XORSERVE_MAX_P99_MS)",
+        help="objective: p99 latency of the successful requests at most this",
     )
-    parser.add_argument(
+    flag(
+        parser,
         "--max-fail-ratio",
         type=number(float, minimum=0, maximum=1),
-        default=env_default("max_fail_ratio", "0"),
-        help="objective: failed / all requests at most this (XORSERVE_MAX_FAIL_RATIO)",
+        default=0.0,
+        help="objective: failed / all requests at most this",
     )
-    parser.add_argument(
-        "--workers",
+    flag(
+        parser,
+        "--locust-workers",
         type=number(int, minimum=0),
-        default=env_default("workers", "0"),
-        help="0: one Locust process; N: a local master and N worker processes (XORSERVE_WORKERS)",
+        default=0,
+        help="0: one Locust process; N: a local master and N worker processes",
     )
-    parser.add_argument(
+    flag(
+        parser,
         "--start-server",
         action="store_true",
-        default=env_default("start_server", False),
-        help="start `xorserve serve` on free ports for the run, ignoring --url (XORSERVE_START_SERVER)",
+        help="start `xorserve serve` on free ports for the run, ignoring --url",
     )
-    parser.add_argument(
-        "--model-repository",
-        default=env_default("model_repository", "models"),
-        help="what --start-server serves (XORSERVE_MODEL_REPOSITORY)",
-    )
-    parser.add_argument(
-        "--small-rows",
-        type=number(int, minimum=1),
-        default=env_default("small_rows", "1"),
-        help="rows of the small infer task (XORSERVE_SMALL_ROWS)",
-    )
-    parser.add_argument(
-        "--large-rows",
-        type=number(int, minimum=1),
-        default=env_default("large_rows", "64"),
-        help="rows of the large infer task (XORSERVE_LARGE_ROWS)",
-    )
-    parser.add_argument(
-        "--deadline-ms",
-        type=number(float, above=0),
-        default=env_default("deadline_ms", "1000"),
-        help="gRPC deadline of each call (XORSERVE_DEADLINE_MS)",
-    )
+    model_repository(parser, default=Path("models"), help="what --start-server serves")
+    flag(parser, "--small-rows", type=number(int, minimum=1), default=1, help="rows of the small infer task")
+    flag(parser, "--large-rows", type=number(int, minimum=1), default=64, help="rows of the large infer task")
+    flag(parser, "--deadline-ms", type=number(float, above=0), default=1000.0, help="gRPC deadline of each call")
 
 
 def duration_s(text: str) -> int:
@@ -174,20 +143,26 @@ def _run(args: argparse.Namespace) -> int:
         args.out.mkdir(parents=True, exist_ok=True)
     except OSError as error:
         log.error("event=bad_out out=%s error=%s", args.out, " ".join(str(error).split()))
-        return 2
+        return USAGE
     # A previous run's results in the same folder must never pass for this run's.
     for stale in (_times_path(args), args.out / "summary.json"):
         stale.unlink(missing_ok=True)
     if not args.start_server:
+        from serving.client.health import check
+
+        status, message = check(args.url, timeout_s=5.0)
+        if status is None:
+            log.error("event=server_unreachable url=%s error=%s", args.url, message)
+            return UNREACHABLE
         return _run_and_judge(args, args.url)
 
-    from serving.launch import ServerProcess, ServerStartError
+    from serving.client.launch import ServerProcess, ServerStartError
 
     try:
         server = ServerProcess.start(args.model_repository)
     except ServerStartError as error:
         log.error("event=server_start_failed error=%s", error)
-        return 2
+        return UNREACHABLE
     with server:  # at once: a SIGTERM from here on stops the server too
         log.info("event=server_started url=%s startup_s=%.2f", server.url, server.startup_s)
         return _run_and_judge(args, server.url)
@@ -195,11 +170,11 @@ def _run(args: argparse.Namespace) -> int:
 
 def _run_and_judge(args: argparse.Namespace, url: str) -> int:
     if not run_locust(args, url):
-        return 2
+        return USAGE
     times_path = _times_path(args)
     if not times_path.exists():
         log.error("event=no_results missing=%s log=%s", times_path, args.out / "locust.log")
-        return 2
+        return USAGE
     recorded = json.loads(times_path.read_text())
     summary = summarize(ResponseTimes.from_dict(recorded["names"]), recorded["elapsed_s"])
     violations = objectives_missed(summary["total"], args.max_p99_ms, args.max_fail_ratio)
@@ -209,7 +184,7 @@ def _run_and_judge(args: argparse.Namespace, url: str) -> int:
         users=args.users,
         spawn_rate=_spawn_rate(args),
         duration_s=args.duration,
-        workers=args.workers,
+        workers=args.locust_workers,
         elapsed_s=round(recorded["elapsed_s"], 3),
         objectives={"max_p99_ms": args.max_p99_ms, "max_fail_ratio": args.max_fail_ratio},
         violations=violations,
@@ -220,7 +195,7 @@ def _run_and_judge(args: argparse.Namespace, url: str) -> int:
     for violation in violations:
         print(f"objective missed: {violation}")
     print(f"{'PASS' if not violations else 'FAIL'}: results in {args.out}/ (summary.json, report.html, locust_*.csv)")
-    return 0 if not violations else 1
+    return OK if not violations else CHECK_FAILED
 
 
 def objectives_missed(total: dict, max_p99_ms: float | None, max_fail_ratio: float) -> list[str]:
@@ -286,12 +261,12 @@ def locust_commands(args: argparse.Namespace, url: str, master_port: int | None 
     lead = [*common, "--headless", "--only-summary", "--exit-code-on-error", "0"]
     lead += ["--users", str(args.users), "--spawn-rate", str(_spawn_rate(args)), "--run-time", f"{args.duration}s"]
     lead += ["--csv", str(args.out / CSV_PREFIX), "--html", str(args.out / "report.html")]
-    if not args.workers:
+    if not args.locust_workers:
         return [lead]
     master = [*lead, "--master", "--master-bind-host", "127.0.0.1", "--master-bind-port", str(master_port)]
-    master += ["--expect-workers", str(args.workers), "--expect-workers-max-wait", str(WORKER_CONNECT_S)]
+    master += ["--expect-workers", str(args.locust_workers), "--expect-workers-max-wait", str(WORKER_CONNECT_S)]
     worker = [*common, "--worker", "--master-host", "127.0.0.1", "--master-port", str(master_port)]
-    return [master] + [worker] * args.workers
+    return [master] + [worker] * args.locust_workers
 
 
 def run_locust(args: argparse.Namespace, url: str) -> bool:
@@ -299,8 +274,8 @@ def run_locust(args: argparse.Namespace, url: str) -> bool:
 
     However this returns or raises (SIGTERM, Ctrl-C), no Locust process outlives it.
     """
-    commands = locust_commands(args, url, _free_port() if args.workers else None)
-    log.info("event=locust_start workers=%d command=%s", args.workers, shlex.join(commands[0]))
+    commands = locust_commands(args, url, _free_port() if args.locust_workers else None)
+    log.info("event=locust_start workers=%d command=%s", args.locust_workers, shlex.join(commands[0]))
     lead_log = (args.out / "locust.log").open("w", encoding="utf-8")
     worker_logs = [(args.out / f"locust-worker-{index}.log").open("w") for index in range(1, len(commands))]
     processes: list[subprocess.Popen] = []

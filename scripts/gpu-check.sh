@@ -46,7 +46,8 @@ missing = [m for m in ("numpy", "onnxruntime", "grpc", "grpc_health.v1.health", 
 if missing:
     print("missing modules:", ", ".join(missing)); sys.exit(2)
 import onnxruntime as ort
-from serving.runtime import SessionSettings, open_session, DeviceUnavailableError
+from serving.devices import DeviceUnavailableError
+from serving.runtime import SessionSettings, open_session
 print("python", sys.version.split()[0], "onnxruntime", ort.__version__, "available", ort.get_available_providers())
 try:
     session = open_session(f"{sys.argv[1]}/model.onnx", SessionSettings(device="cuda"))
@@ -83,7 +84,7 @@ import grpc
 import numpy as np
 
 from serving._proto import grpc_service_pb2 as pb, grpc_service_pb2_grpc as pb_grpc
-from serving.launch import ServerProcess
+from serving.client.launch import ServerProcess
 from serving.runtime import SessionSettings, open_session
 
 model, out, requests, python = Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3]), sys.argv[4]

@@ -5,7 +5,7 @@
 - `cuda`: CUDA only, with CPU fallback disabled, so start-up fails loudly when CUDA cannot be had.
 - `auto`: CUDA if it loads, else CPU with a warning naming what was asked and what was got.
 CUDA runs with `use_tf32=0` unless `tf32=True`, so outputs match fp32 PyTorch to fp32 precision.
-The server, the parity check and in-process file scoring all use it.
+The server, the parity check and in-process file scoring all use it: a leaf below all three.
 """
 
 from __future__ import annotations
@@ -18,19 +18,13 @@ from pathlib import Path
 
 import onnxruntime as ort
 
-log = logging.getLogger(__name__)
+from serving.devices import CPU, CUDA, DEVICES, DeviceUnavailableError
 
-DEVICES = ("auto", "cuda", "cpu")
-CUDA = "CUDAExecutionProvider"
-CPU = "CPUExecutionProvider"
+log = logging.getLogger(__name__)
 
 # ONNX Runtime prints its own errors to stderr when the CUDA provider cannot load; we report that
 # ourselves, once, in one line (see `open_session`).
 ort.set_default_logger_severity(4)
-
-
-class DeviceUnavailableError(RuntimeError):
-    """`--device cuda` was asked for and CUDA could not be had."""
 
 
 @dataclass(frozen=True)

@@ -11,15 +11,35 @@
 - `cuda_works`: whether ONNX Runtime's CUDA execution provider opens a session here (session-scoped).
 - `serve_without_cuda(*flags)`: runs `xorserve serve --device cuda` with `flags` on `model_repository`
   to its exit (`subprocess.CompletedProcess`, text); skips the test where CUDA works.
+- `refused_address`: "127.0.0.1:PORT" where a connection is refused for the whole test (a bound socket
+  that does not listen, so no other program can take the port meanwhile).
 The server runs its asyncio loop in a background thread, so tests stay synchronous.
+
+Helpers shared by the test modules (`from conftest import infer_request, ...`):
+- `infer_request(x, model="xor", ...)`: a ModelInferRequest carrying `x` as raw FP32 input `input`;
+- `outputs_of(response)`: a ModelInferResponse's raw outputs as arrays, by name;
+- `cpu_outputs(model_path, x)`: what in-process ONNX Runtime on the CPU answers, by output name;
+- `run_xorserve(*args)`: `xorserve ARGS` as a subprocess, to its exit (text);
+- `metric_samples(address)`: the samples of a server's /metrics page.
+
+The suite runs the same whatever the user's environment holds (`pytest_configure`): every XORSERVE_*,
+LOCUST_* and PROMETHEUS_MULTIPROC_DIR variable is removed, HOME is an empty folder (Locust reads
+~/.locust.conf), and XORSERVE_DEVICE=cpu, so that on a machine with a GPU the tests that compare with CPU
+sessions still run on the CPU (the `gpu` tests ask for CUDA by name).
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
+import os
+import shutil
+import socket
 import subprocess
 import sys
+import tempfile
 import threading
+import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -28,10 +48,71 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from serving.runtime import DeviceUnavailableError, SessionSettings, open_session
+from serving._proto import grpc_service_pb2 as pb
+from serving.devices import DeviceUnavailableError
+from serving.runtime import SessionSettings, open_session
 from serving.server import RunningServer, ServerConfig, start_server
 
 ROOT = Path(__file__).resolve().parent.parent
+_HOME: list[str] = []
+
+
+def pytest_configure(config) -> None:
+    for name in list(os.environ):
+        if name.startswith(("XORSERVE_", "LOCUST_")) or name == "PROMETHEUS_MULTIPROC_DIR":
+            del os.environ[name]
+    os.environ["XORSERVE_DEVICE"] = "cpu"
+    _HOME.append(tempfile.mkdtemp(prefix="xorserve-tests-home-"))
+    os.environ["HOME"] = _HOME[0]
+
+
+def pytest_unconfigure(config) -> None:
+    for home in _HOME:
+        shutil.rmtree(home, ignore_errors=True)
+
+
+def infer_request(
+    x: np.ndarray, model: str = "xor", version: str = "", request_id: str = "", **fields
+) -> pb.ModelInferRequest:
+    tensor = pb.ModelInferRequest.InferInputTensor(name="input", datatype="FP32", shape=list(x.shape))
+    return pb.ModelInferRequest(
+        model_name=model,
+        model_version=version,
+        id=request_id,
+        inputs=[tensor],
+        raw_input_contents=[np.ascontiguousarray(x, np.float32).tobytes()],
+        **fields,
+    )
+
+
+def outputs_of(response: pb.ModelInferResponse) -> dict[str, np.ndarray]:
+    return {
+        tensor.name: np.frombuffer(raw, dtype=np.float32).reshape(tensor.shape)
+        for tensor, raw in zip(response.outputs, response.raw_output_contents, strict=True)
+    }
+
+
+@functools.cache
+def _cpu_session(model_path: str):
+    return open_session(model_path, SessionSettings(device="cpu"))
+
+
+def cpu_outputs(model_path: Path, x: np.ndarray) -> dict[str, np.ndarray]:
+    session = _cpu_session(str(model_path))
+    names = [o.name for o in session.get_outputs()]
+    return dict(zip(names, session.run(names, {"input": np.asarray(x, np.float32)}), strict=True))
+
+
+def run_xorserve(*args, timeout: float = 300, env: dict | None = None) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "serving.cli", *map(str, args)]
+    return subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
+
+
+def metric_samples(address: str) -> list:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = urllib.request.urlopen(f"http://{address}/metrics", timeout=10).read().decode()
+    return [sample for family in text_string_to_metric_families(text) for sample in family.samples]
 
 
 def build_model(path: Path, seed: int = 0, metadata: dict[str, str] | None = None) -> Path:
@@ -159,9 +240,16 @@ def serve_without_cuda(model_repository: Path, cuda_works: bool) -> Callable[...
     return run
 
 
+@pytest.fixture
+def refused_address() -> Iterator[str]:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        yield f"127.0.0.1:{sock.getsockname()[1]}"
+
+
 @pytest.fixture(scope="module")
 def server(model_repository: Path) -> Iterator[ServerThread]:
-    handle = ServerThread(ServerConfig(model_repository=model_repository)).start()
+    handle = ServerThread(ServerConfig(model_repository=model_repository, device="cpu")).start()
     yield handle
     handle.stop()
 
@@ -172,6 +260,7 @@ def server_factory(model_repository: Path) -> Iterator[Callable[..., ServerThrea
 
     def start(**overrides) -> ServerThread:
         overrides.setdefault("model_repository", model_repository)
+        overrides.setdefault("device", "cpu")
         handle = ServerThread(ServerConfig(**overrides))
         started.append(handle)
         return handle.start()

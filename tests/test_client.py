@@ -1,16 +1,14 @@
 """serving.client (sync and asyncio) and `xorserve predict` against an in-process server."""
 
 import asyncio
-import socket
-import subprocess
-import sys
 
 import grpc
 import numpy as np
 import pytest
+from conftest import run_xorserve
 
+from serving.cli.predict import parse_points
 from serving.client import AsyncInferenceClient, InferenceClient, InferenceError
-from serving.predict import parse_points
 from serving.runtime import SessionSettings, open_session
 
 CORNERS = np.array([[0, 0], [0, 1], [1, 0], [1, 1]], dtype=np.float32)
@@ -21,12 +19,6 @@ def reference(model_repository):
     session = open_session(model_repository / "xor" / "1" / "model.onnx", SessionSettings(device="cpu"))
     names = ["logits", "probability"]
     return lambda x: dict(zip(names, session.run(names, {"input": x}), strict=True))
-
-
-def closed_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def test_predict_returns_the_models_probabilities_and_labels(server, reference):
@@ -79,8 +71,8 @@ def test_unknown_model_raises_not_found_without_retrying(server):
     assert "nope" in error.value.message
 
 
-def test_unreachable_server_raises_unavailable_after_retries():
-    client = InferenceClient(f"127.0.0.1:{closed_port()}", timeout_s=2, retries=1, backoff_s=0.01)
+def test_unreachable_server_raises_unavailable_after_retries(refused_address):
+    client = InferenceClient(refused_address, timeout_s=2, retries=1, backoff_s=0.01)
     with client, pytest.raises(InferenceError) as error:
         client.predict(CORNERS)
     assert error.value.code == grpc.StatusCode.UNAVAILABLE
@@ -99,12 +91,8 @@ def test_parse_points_refuses_values_beyond_float32():
         parse_points(["1e40,1"])
 
 
-def xorserve(*args):
-    return subprocess.run([sys.executable, "-m", "serving.cli", *args], capture_output=True, text=True, timeout=60)
-
-
 def test_predict_command_prints_a_row_per_point(server, reference):
-    result = xorserve("predict", "--url", server.address, "0,0", "1,1")
+    result = run_xorserve("predict", "--url", server.address, "0,0", "1,1")
     assert result.returncode == 0, result.stderr
     header, *rows = result.stdout.strip().splitlines()
     assert header.split() == ["x1", "x2", "probability", "label"]
@@ -113,28 +101,28 @@ def test_predict_command_prints_a_row_per_point(server, reference):
 
 
 def test_predict_command_takes_negative_coordinates(server, reference):
-    result = xorserve("predict", "--url", server.address, "-0.5,1", "1,-.25")
+    result = run_xorserve("predict", "--url", server.address, "-0.5,1", "1,-.25")
     assert result.returncode == 0, result.stderr
     rows = result.stdout.strip().splitlines()[1:]
     assert [row.split()[:2] for row in rows] == [["-0.5000", "1.0000"], ["1.0000", "-0.2500"]]
 
 
 def test_predict_command_rejects_a_malformed_point_with_exit_2():
-    result = xorserve("predict", "--url", "127.0.0.1:1", "0;1")
+    result = run_xorserve("predict", "--url", "127.0.0.1:1", "0;1")
     assert result.returncode == 2
     assert "'0;1'" in result.stderr
 
 
-def test_predict_command_reports_an_unreachable_server_in_one_line():
-    result = xorserve("predict", "--url", f"127.0.0.1:{closed_port()}", "--timeout-s", "2", "0,0")
-    assert result.returncode == 1
+def test_predict_command_reports_an_unreachable_server_in_one_line(refused_address):
+    result = run_xorserve("predict", "--url", refused_address, "--timeout-s", "2", "0,0")
+    assert result.returncode == 3
     assert len(result.stderr.strip().splitlines()) == 1
     assert "UNAVAILABLE" in result.stderr
 
 
 def test_outputs_are_read_from_typed_contents_when_a_server_sends_no_raw_bytes():
     from serving._proto import grpc_service_pb2 as pb
-    from serving.client import _outputs
+    from serving.client.inference import _outputs
 
     response = pb.ModelInferResponse()
     tensor = response.outputs.add(name="probability", datatype="FP32", shape=[2, 1])

@@ -1,23 +1,18 @@
 """The whole pipeline through real commands: parity through a running server, and `xorserve demo`."""
 
 import json
-import subprocess
-import sys
 
 import pytest
+from conftest import run_xorserve
 
-from serving.launch import ServerProcess
-
-
-def xorserve(*args, timeout=300):
-    return subprocess.run([sys.executable, "-m", "serving.cli", *args], capture_output=True, text=True, timeout=timeout)
+from serving.client.launch import ServerProcess
 
 
 @pytest.mark.slow
 def test_parity_through_the_server_is_bit_identical_to_in_process(shipped_model_repository, tmp_path):
     model_dir, report_file = shipped_model_repository / "xor" / "1", tmp_path / "parity.json"
     with ServerProcess.start(shipped_model_repository) as server:
-        result = xorserve("parity", str(model_dir), "--url", server.url, "--json", str(report_file))
+        result = run_xorserve("parity", str(model_dir), "--url", server.url, "--json", str(report_file))
     assert result.returncode == 0, result.stdout + result.stderr
     report = json.loads(report_file.read_text())
     assert "bit-identical to in-process session" in result.stdout
@@ -27,7 +22,9 @@ def test_parity_through_the_server_is_bit_identical_to_in_process(shipped_model_
 
 @pytest.mark.slow
 def test_demo_runs_every_step_and_stops_the_server_cleanly(tmp_path):
-    result = xorserve("demo", "--out", str(tmp_path), "--sample-rows", "2000", "--loadtest-duration", "3s", timeout=600)
+    result = run_xorserve(
+        "demo", "--out", str(tmp_path), "--sample-rows", "2000", "--loadtest-duration", "3s", timeout=600
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     for step in range(1, 8):
         assert f"=== {step}. " in result.stdout

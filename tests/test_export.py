@@ -9,7 +9,7 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from serving.cli import command_parser, main
+from serving.cli.main import command_parser, main
 from trainer.export import export_state_dict
 from trainer.model import XorClassifier
 

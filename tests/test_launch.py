@@ -8,7 +8,7 @@ import psutil
 import pytest
 
 from serving.client import InferenceClient
-from serving.launch import ServerProcess, ServerStartError
+from serving.client.launch import ServerProcess, ServerStartError
 
 
 def test_started_server_answers_and_stops_with_exit_0(model_repository):
@@ -28,7 +28,7 @@ def test_a_model_that_fails_to_load_fails_the_start_with_the_servers_reason(tmp_
 _ORPHANING_PARENT = textwrap.dedent(
     """
     import os, signal, sys
-    from serving.launch import ServerProcess
+    from serving.client.launch import ServerProcess
     server = ServerProcess.start(sys.argv[1])
     print(server.process.pid, flush=True)
     os.kill(os.getpid(), signal.SIGKILL)  # dies without stopping the server

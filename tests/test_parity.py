@@ -10,7 +10,7 @@ import onnx
 import pytest
 import torch
 
-from serving.cli import command_parser, main
+from serving.cli.main import command_parser, main
 from serving.runtime import SessionSettings, open_session
 from trainer.export import export_state_dict
 from trainer.model import XorClassifier

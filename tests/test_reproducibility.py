@@ -13,17 +13,16 @@ import subprocess
 import sys
 
 import pytest
+from conftest import run_xorserve
 
 CAPABILITIES = ("default", "avx2", "avx512")
 TRAIN = ["--epochs", "10", "--no-plots", "--device", "cpu"]
 
 
-def run_xorserve(args, env_overrides, timeout=300):
+def xorserve(args, env_overrides):
+    """`xorserve ARGS` with the kernel dispatch asked for by `env_overrides` alone."""
     env = {k: v for k, v in os.environ.items() if k not in ("ATEN_CPU_CAPABILITY", "MKL_CBWR")}
-    env.update(env_overrides)
-    return subprocess.run(
-        [sys.executable, "-m", "serving.cli", *args], capture_output=True, text=True, timeout=timeout, env=env
-    )
+    return run_xorserve(*args, env={**env, **env_overrides})
 
 
 def capability_taken(value: str) -> str:
@@ -41,7 +40,7 @@ def capabilities():
 
 def train_folder(tmp_path, name, env, numerics="pinned"):
     out = tmp_path / name
-    result = run_xorserve(["train", "--out", str(out), "--numerics", numerics, *TRAIN], env)
+    result = xorserve(["train", "--out", str(out), "--numerics", numerics, *TRAIN], env)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     return out
 
@@ -93,7 +92,7 @@ def test_native_numerics_change_the_bytes_with_the_kernels(capabilities, tmp_pat
 def test_parity_of_a_10_epoch_model_passes_and_reports_its_boundary_points(tmp_path):
     # Ten epochs leave a model near chance (about 65 % here): its boundary crosses the grid everywhere.
     folder = train_folder(tmp_path, "ten", {})
-    result = run_xorserve(["parity", str(folder), "--device", "cpu", "--json", str(tmp_path / "parity.json")], {})
+    result = xorserve(["parity", str(folder), "--device", "cpu", "--json", str(tmp_path / "parity.json")], {})
     assert result.returncode == 0, result.stdout + result.stderr
     assert "on boundary" in result.stdout
     for output in json.loads((tmp_path / "parity.json").read_text())["paths"][0]["outputs"].values():
@@ -103,9 +102,7 @@ def test_parity_of_a_10_epoch_model_passes_and_reports_its_boundary_points(tmp_p
 
 @pytest.mark.slow
 def test_train_writes_a_few_plain_progress_lines_when_not_on_a_terminal(tmp_path):
-    result = run_xorserve(
-        ["train", "--out", str(tmp_path / "1"), "--epochs", "25", "--no-plots", "--device", "cpu"], {}
-    )
+    result = xorserve(["train", "--out", str(tmp_path / "1"), "--epochs", "25", "--no-plots", "--device", "cpu"], {})
     assert result.returncode == 0, result.stderr[-2000:]
     progress = [line for line in result.stderr.splitlines() if line.startswith("train: epoch")]
     assert 1 < len(progress) <= 10 and progress[-1].startswith("train: epoch 25/25 loss=")

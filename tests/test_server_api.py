@@ -3,41 +3,18 @@ reflection and metrics."""
 
 from __future__ import annotations
 
-import urllib.request
-from pathlib import Path
-
 import grpc
 import numpy as np
 import pytest
+from conftest import cpu_outputs, infer_request, metric_samples, outputs_of
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
-from prometheus_client.parser import text_string_to_metric_families
 
 from serving._proto import grpc_service_pb2 as pb
 from serving._proto import grpc_service_pb2_grpc as pb_grpc
 from serving.runtime import SessionSettings, open_session
 
 Input = pb.ModelInferRequest.InferInputTensor
-
-
-def infer_request(x: np.ndarray, model: str = "xor", version: str = "", **fields) -> pb.ModelInferRequest:
-    tensor = Input(name="input", datatype="FP32", shape=list(x.shape))
-    return pb.ModelInferRequest(
-        model_name=model, model_version=version, inputs=[tensor], raw_input_contents=[x.tobytes()], **fields
-    )
-
-
-def outputs_of(response: pb.ModelInferResponse) -> dict[str, np.ndarray]:
-    return {
-        tensor.name: np.frombuffer(raw, dtype=np.float32).reshape(tensor.shape)
-        for tensor, raw in zip(response.outputs, response.raw_output_contents, strict=True)
-    }
-
-
-def reference(model_path: Path, x: np.ndarray) -> dict[str, np.ndarray]:
-    session = open_session(model_path, SessionSettings(device="cpu"))
-    names = [o.name for o in session.get_outputs()]
-    return dict(zip(names, session.run(names, {"input": x}), strict=True))
 
 
 @pytest.fixture(scope="module")
@@ -106,11 +83,11 @@ def test_model_config_without_batching_has_no_dynamic_batching(server_factory):
 
 
 def test_raw_fp32_inference_equals_in_process_onnx_runtime(stub, model_repository):
-    response = stub.ModelInfer(infer_request(POINTS, id="req-1"))
+    response = stub.ModelInfer(infer_request(POINTS, request_id="req-1"))
     assert response.id == "req-1"
     assert response.model_name == "xor"
     assert response.model_version == "1"
-    expected = reference(model_repository / "xor" / "1" / "model.onnx", POINTS)
+    expected = cpu_outputs(model_repository / "xor" / "1" / "model.onnx", POINTS)
     got = outputs_of(response)
     assert set(got) == {"logits", "probability"}
     for name, value in expected.items():
@@ -121,7 +98,7 @@ def test_typed_fp32_contents_are_accepted(stub, model_repository):
     tensor = Input(name="input", datatype="FP32", shape=[4, 2])
     tensor.contents.fp32_contents.extend(POINTS.ravel().tolist())
     response = stub.ModelInfer(pb.ModelInferRequest(model_name="xor", inputs=[tensor]))
-    expected = reference(model_repository / "xor" / "1" / "model.onnx", POINTS)
+    expected = cpu_outputs(model_repository / "xor" / "1" / "model.onnx", POINTS)
     np.testing.assert_array_equal(outputs_of(response)["logits"], expected["logits"])
     assert len(response.raw_output_contents) == 2
 
@@ -136,8 +113,8 @@ def test_a_requested_subset_of_outputs_is_all_that_comes_back(stub):
 def test_streaming_answers_every_request_and_reports_errors_in_band(stub, model_repository):
     rng = np.random.default_rng(3)
     inputs = {f"s{i}": rng.normal(size=(i + 1, 2)).astype(np.float32) for i in range(6)}
-    requests = [infer_request(x, id=name) for name, x in inputs.items()]
-    requests.insert(3, infer_request(np.zeros((2, 3), np.float32), id="bad"))
+    requests = [infer_request(x, request_id=name) for name, x in inputs.items()]
+    requests.insert(3, infer_request(np.zeros((2, 3), np.float32), request_id="bad"))
     answers = list(stub.ModelStreamInfer(iter(requests)))
     assert len(answers) == len(requests)
     by_id = {answer.infer_response.id: answer for answer in answers}
@@ -145,7 +122,7 @@ def test_streaming_answers_every_request_and_reports_errors_in_band(stub, model_
     path = model_repository / "xor" / "1" / "model.onnx"
     for name, x in inputs.items():
         assert by_id[name].error_message == ""
-        np.testing.assert_array_equal(outputs_of(by_id[name].infer_response)["logits"], reference(path, x)["logits"])
+        np.testing.assert_array_equal(outputs_of(by_id[name].infer_response)["logits"], cpu_outputs(path, x)["logits"])
 
 
 def _raw(x: np.ndarray, datatype: str = "FP32", shape=None, name: str = "input", raw: bytes | None = None):
@@ -227,10 +204,10 @@ def test_versions_are_addressable_and_empty_means_latest(server_factory, model_b
     assert list(metadata.versions) == ["1", "10"]
     assert latest.model_version == "10"
     np.testing.assert_array_equal(
-        outputs_of(latest)["logits"], reference(tmp_path / "xor" / "10" / "model.onnx", POINTS)["logits"]
+        outputs_of(latest)["logits"], cpu_outputs(tmp_path / "xor" / "10" / "model.onnx", POINTS)["logits"]
     )
     np.testing.assert_array_equal(
-        outputs_of(first)["logits"], reference(tmp_path / "xor" / "1" / "model.onnx", POINTS)["logits"]
+        outputs_of(first)["logits"], cpu_outputs(tmp_path / "xor" / "1" / "model.onnx", POINTS)["logits"]
     )
 
 
@@ -257,11 +234,9 @@ def test_metrics_count_requests_and_batches_over_http(stub, server):
     stub.ModelInfer(infer_request(POINTS))
     with pytest.raises(grpc.RpcError):
         stub.ModelInfer(_raw(np.zeros((2, 3), np.float32)))
-    text = urllib.request.urlopen(f"http://{server.running.metrics_address}/metrics", timeout=10).read().decode()
     samples = {
         (sample.name, tuple(sorted(sample.labels.items()))): sample.value
-        for family in text_string_to_metric_families(text)
-        for sample in family.samples
+        for sample in metric_samples(server.running.metrics_address)
     }
 
     def value(name: str, **labels: str) -> float:
@@ -283,7 +258,7 @@ def test_the_shipped_model_serves_xor_bit_equal_to_in_process_onnx_runtime(serve
     with grpc.insecure_channel(handle.address) as channel:
         response = pb_grpc.GRPCInferenceServiceStub(channel).ModelInfer(infer_request(POINTS))
     got = outputs_of(response)
-    expected = reference(shipped_model_repository / "xor" / "1" / "model.onnx", POINTS)
+    expected = cpu_outputs(shipped_model_repository / "xor" / "1" / "model.onnx", POINTS)
     for name, value in expected.items():
         np.testing.assert_array_equal(got[name], value)
     assert (got["probability"].ravel() >= 0.5).tolist() == [False, True, True, False]

@@ -12,21 +12,18 @@ import threading
 import grpc
 import numpy as np
 import pytest
+from conftest import cpu_outputs, infer_request, outputs_of
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-import serving.repository
+import serving.server.repository
 from serving._proto import grpc_service_pb2 as pb
 from serving._proto import grpc_service_pb2_grpc as pb_grpc
-from serving.launch import ServerProcess
-from serving.runtime import CUDA, SessionSettings, open_session
+from serving.client.launch import ServerProcess
+from serving.devices import CUDA
+from serving.runtime import open_session
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
-
-
-def infer_request(x: np.ndarray, model: str = "xor") -> pb.ModelInferRequest:
-    tensor = pb.ModelInferRequest.InferInputTensor(name="input", datatype="FP32", shape=list(x.shape))
-    return pb.ModelInferRequest(model_name=model, inputs=[tensor], raw_input_contents=[x.tobytes()])
 
 
 def rows(n: int) -> np.ndarray:
@@ -62,7 +59,7 @@ def gated(monkeypatch, server_factory):
         sessions.append(GatedSession(open_session(path, settings)))
         return sessions[-1]
 
-    monkeypatch.setattr(serving.repository, "open_session", open_gated)
+    monkeypatch.setattr(serving.server.repository, "open_session", open_gated)
     handle = server_factory(device="cpu", max_queue_delay_us=0, inline_max_us=0)  # held runs need threads
     (session,) = sessions
     session.batch_rows.clear()  # forget the warm-up
@@ -101,7 +98,7 @@ def test_a_model_that_fails_to_load_leaves_the_server_up_and_not_ready(server_fa
 
 def test_serve_with_device_cuda_and_no_cuda_fails_start_up_loudly(serve_without_cuda):
     done = serve_without_cuda()
-    assert done.returncode == 1
+    assert done.returncode == 2
     assert "READY" not in done.stdout
     assert "--device cuda" in done.stderr
     assert "event=startup_failed" in done.stderr
@@ -119,7 +116,7 @@ def test_serve_prints_one_ready_line_and_exits_0_on_sigterm(model_repository):
 
 def test_the_serve_path_never_imports_torch():
     done = subprocess.run(
-        [sys.executable, "-X", "importtime", "-c", "import serving.cli, serving.server"],
+        [sys.executable, "-X", "importtime", "-c", "import serving.cli.main, serving.cli.serve, serving.server"],
         capture_output=True,
         text=True,
         timeout=120,
@@ -182,31 +179,29 @@ def test_device_cuda_runs_the_model_on_the_cuda_provider(server_factory, model_r
     assert CUDA in server_metadata.properties["providers"].split(",")
     served = handle.running.plane.resolve("xor")
     assert all(session.get_providers()[0] == CUDA for session in served.loaded.sessions)
-    cpu = open_session(model_repository / "xor" / "1" / "model.onnx", SessionSettings(device="cpu"))
-    logits = np.frombuffer(response.raw_output_contents[0], np.float32).reshape(4, 1)
-    np.testing.assert_allclose(logits, cpu.run(["logits"], {"input": rows(4)})[0], atol=1e-5)
+    expected = cpu_outputs(model_repository / "xor" / "1" / "model.onnx", rows(4))["logits"]
+    np.testing.assert_allclose(outputs_of(response)["logits"], expected, atol=1e-5)
 
 
 def test_the_inline_budget_defaults_by_the_cores_the_server_may_use(monkeypatch):
-    import argparse
     import os
 
-    from serving import server
+    from serving.cli import serve
+    from serving.cli.flags import Parser, UsageError
+    from serving.server import app
 
-    parser = argparse.ArgumentParser()
-    server.add_arguments(parser)
+    parser = Parser(prog="xorserve serve")
+    serve.add_arguments(parser)
     monkeypatch.delenv("XORSERVE_INLINE_MAX_US", raising=False)
-    assert server.config_from_args(parser.parse_args(["--model-repository", "m"])).inline_max_us is None
+    assert serve.config_from_args(parser.parse_args(["--model-repository", "m"])).inline_max_us is None
     assert (
-        server.config_from_args(parser.parse_args(["--model-repository", "m", "--inline-max-us", "0"])).inline_max_us
+        serve.config_from_args(parser.parse_args(["--model-repository", "m", "--inline-max-us", "0"])).inline_max_us
         == 0
     )
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {3})
-    assert server.default_inline_max_us() == 500  # one core: a thread would run nothing in parallel
+    assert app.default_inline_max_us() == 500  # one core: a thread would run nothing in parallel
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})
-    assert server.default_inline_max_us() == 50
+    assert app.default_inline_max_us() == 50
     monkeypatch.setenv("XORSERVE_INLINE_MAX_US", "-1")  # read when the flags are declared
-    parser = argparse.ArgumentParser()
-    server.add_arguments(parser)
-    with pytest.raises(SystemExit):  # argparse names the flag and the bound on stderr
-        parser.parse_args(["--model-repository", "m"])
+    with pytest.raises(UsageError, match="XORSERVE_INLINE_MAX_US='-1': must be at least 0"):
+        serve.add_arguments(Parser(prog="xorserve serve"))

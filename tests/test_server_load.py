@@ -4,17 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import signal
-import urllib.request
 
 import grpc
 import numpy as np
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
+from conftest import cpu_outputs, infer_request, metric_samples, outputs_of
 
 from serving._proto import grpc_service_pb2 as pb
 from serving._proto import grpc_service_pb2_grpc as pb_grpc
-from serving.launch import ServerProcess
-from serving.runtime import SessionSettings, open_session
+from serving.client.launch import ServerProcess
 
 CLIENTS = 64
 
@@ -25,32 +23,12 @@ def client_inputs(seed: int) -> list[np.ndarray]:
     return [rng.uniform(-2, 2, size=(1 + i % 7, 2)).astype(np.float32) for i in range(CLIENTS)]
 
 
-def request(x: np.ndarray, request_id: str) -> pb.ModelInferRequest:
-    tensor = pb.ModelInferRequest.InferInputTensor(name="input", datatype="FP32", shape=list(x.shape))
-    return pb.ModelInferRequest(model_name="xor", id=request_id, inputs=[tensor], raw_input_contents=[x.tobytes()])
-
-
-def logits(response: pb.ModelInferResponse) -> np.ndarray:
-    index = [t.name for t in response.outputs].index("logits")
-    return np.frombuffer(response.raw_output_contents[index], np.float32).reshape(response.outputs[index].shape)
-
-
-def metric_samples(address: str) -> dict[tuple[str, str], float]:
-    text = urllib.request.urlopen(f"http://{address}/metrics", timeout=10).read().decode()
-    return {
-        (sample.name, sample.labels.get("le", "")): sample.value
-        for family in text_string_to_metric_families(text)
-        for sample in family.samples
-        if sample.labels.get("model") == "xor"
-    }
-
-
 async def one_call_per_client(address: str, inputs: list[np.ndarray]) -> list[pb.ModelInferResponse]:
     channels = [grpc.aio.insecure_channel(address) for _ in inputs]
     try:
         stubs = [pb_grpc.GRPCInferenceServiceStub(channel) for channel in channels]
         calls = [
-            stub.ModelInfer(request(x, f"c{i}"), timeout=60)
+            stub.ModelInfer(infer_request(x, request_id=f"c{i}"), timeout=60)
             for i, (stub, x) in enumerate(zip(stubs, inputs, strict=True))
         ]
         return await asyncio.gather(*calls)
@@ -64,12 +42,16 @@ def test_64_concurrent_clients_each_get_exactly_their_rows_from_shared_batches(s
     inputs = client_inputs(seed=5)
     responses = asyncio.run(one_call_per_client(handle.address, inputs))
 
-    session = open_session(model_repository / "xor" / "1" / "model.onnx", SessionSettings(device="cpu"))
     for i, (x, response) in enumerate(zip(inputs, responses, strict=True)):
         assert response.id == f"c{i}"
-        np.testing.assert_array_equal(logits(response), session.run(["logits"], {"input": x})[0])
+        expected = cpu_outputs(model_repository / "xor" / "1" / "model.onnx", x)["logits"]
+        np.testing.assert_array_equal(outputs_of(response)["logits"], expected)
 
-    samples = metric_samples(handle.running.metrics_address)
+    samples = {
+        (sample.name, sample.labels.get("le", "")): sample.value
+        for sample in metric_samples(handle.running.metrics_address)
+        if sample.labels.get("model") == "xor"
+    }
     assert samples[("xorserve_batch_size_rows_sum", "")] == sum(len(x) for x in inputs)
     batches = samples[("xorserve_batch_size_requests_count", "")]
     single_request_batches = samples[("xorserve_batch_size_requests_bucket", "1.0")]
@@ -86,7 +68,7 @@ async def load_until_refused(address: str, inputs: list[np.ndarray], on_progress
             stub = pb_grpc.GRPCInferenceServiceStub(channel)
             while True:
                 try:
-                    response = await stub.ModelInfer(request(x, f"c{index}"), timeout=60)
+                    response = await stub.ModelInfer(infer_request(x, request_id=f"c{index}"), timeout=60)
                 except grpc.aio.AioRpcError as exc:
                     outcomes.append((index, exc))
                     return
@@ -100,8 +82,7 @@ async def load_until_refused(address: str, inputs: list[np.ndarray], on_progress
 @pytest.mark.slow
 def test_sigterm_under_64_client_load_loses_no_request_and_exits_0(model_repository):
     inputs = client_inputs(seed=9)
-    session = open_session(model_repository / "xor" / "1" / "model.onnx", SessionSettings(device="cpu"))
-    expected = [session.run(["logits"], {"input": x})[0] for x in inputs]
+    expected = [cpu_outputs(model_repository / "xor" / "1" / "model.onnx", x)["logits"] for x in inputs]
     server = ServerProcess.start(model_repository, ["--max-queue-delay-us", "2000", "--grace-s", "20"])
     try:
         signalled: list[int] = []
@@ -122,7 +103,7 @@ def test_sigterm_under_64_client_load_loses_no_request_and_exits_0(model_reposit
     refused = [o for _, o in outcomes if not isinstance(o, pb.ModelInferResponse)]
     assert len(answered) >= 4 * CLIENTS
     for index, response in answered:
-        np.testing.assert_array_equal(logits(response), expected[index])
+        np.testing.assert_array_equal(outputs_of(response)["logits"], expected[index])
     # Every request not answered was refused before it ran: by the draining server, or because the
     # server had stopped listening. None was cut off in flight (CANCELLED, INTERNAL, reset, ...).
     assert len(refused) == CLIENTS

@@ -13,8 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
-from serving.runtime import SessionSettings, open_session
+from conftest import cpu_outputs
 
 CLIENT = Path(__file__).with_name("triton_compat_client.py")
 
@@ -30,12 +29,11 @@ def report(server) -> dict:
 
 @pytest.fixture(scope="module")
 def session(model_repository):
-    return open_session(model_repository / "xor" / "1" / "model.onnx", SessionSettings(device="cpu"))
+    return model_repository / "xor" / "1" / "model.onnx"
 
 
 def expected(session, x) -> dict[str, np.ndarray]:
-    x = np.asarray(x, dtype=np.float32)
-    return dict(zip(["logits", "probability"], session.run(["logits", "probability"], {"input": x}), strict=True))
+    return cpu_outputs(session, x)
 
 
 def assert_outputs_equal(got: dict[str, list], want: dict[str, np.ndarray]) -> None:

@@ -6,8 +6,8 @@ import pytest
 import torch
 import torch.utils.data as data
 
-from serving.cli import command_parser, main
-from serving.runtime import DeviceUnavailableError
+from serving.cli.main import command_parser, main
+from serving.devices import DeviceUnavailableError
 from trainer.train import TrainSettings, eval_model, pick_device, train
 
 
@@ -174,10 +174,8 @@ def test_train_refuses_a_bad_value_with_a_usage_error_naming_the_flag(tmp_path, 
 
 def test_train_checks_a_value_from_the_environment_like_the_flag(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("XORSERVE_EPOCHS", "0")
-    with pytest.raises(SystemExit) as exit_info:
-        main(["train", "--out", str(tmp_path / "1"), "--device", "cpu"])
-    assert exit_info.value.code == 2
-    assert "argument --epochs: must be at least 1, not 0" in capsys.readouterr().err
+    assert main(["train", "--out", str(tmp_path / "1"), "--device", "cpu"]) == 2
+    assert capsys.readouterr().err == "xorserve train: error: XORSERVE_EPOCHS='0': must be at least 1, not 0\n"
 
 
 def test_train_out_comes_from_xorserve_train_out_not_xorserve_out(tmp_path, monkeypatch):

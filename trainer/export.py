@@ -22,7 +22,7 @@ from pathlib import Path
 import onnx
 import torch
 
-from serving.cli import env_default
+from serving.cli.flags import USAGE, Parser, flag
 from trainer.model import XorClassifier, architecture, load_classifier
 
 log = logging.getLogger(__name__)
@@ -203,44 +203,46 @@ def export_state_dict(
     return out
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
+def add_arguments(parser: Parser) -> None:
     parser.add_argument("state_dict", type=Path, help="state_dict file saved by `xorserve train` (torch.save)")
-    # Command-scoped variables: XORSERVE_OUT is a folder for other commands.
-    out_default = env_default("export_out", None)
-    parser.add_argument(
+    flag(
+        parser,
         "--out",
+        env="EXPORT_OUT",
         type=Path,
-        default=out_default,
-        required=out_default is None,
-        help="ONNX file to write, e.g. models/xor/2/model.onnx (env XORSERVE_EXPORT_OUT)",
+        required=True,
+        help="ONNX file to write, e.g. models/xor/2/model.onnx",
     )
-    parser.add_argument(
+    flag(
+        parser,
         "--report",
+        env="EXPORT_REPORT",
         type=Path,
-        default=env_default("export_report", None),
         help="report.json of the training run, for the provenance (seed, data set, epochs, lr, accuracy); "
-        "default: report.json beside STATE_DICT when there is one (env XORSERVE_EXPORT_REPORT)",
+        "default: report.json beside STATE_DICT when there is one",
     )
     add_name_arguments(parser, "export")
 
 
-def add_name_arguments(parser: argparse.ArgumentParser, command: str) -> None:
+def add_name_arguments(parser: Parser, command: str) -> None:
     """--model-name and --model-version: recorded in the metadata; `xorserve train` shares them.
 
     Their variables are XORSERVE_<COMMAND>_MODEL_NAME/_VERSION: XORSERVE_MODEL_VERSION means the version to
     ask a server for in `predict` and `score`, and must not change what a training run records."""
     prefix = command.upper()
-    parser.add_argument(
+    flag(
+        parser,
         "--model-name",
-        default=env_default(f"{command}_model_name", None),
+        env=f"{prefix}_MODEL_NAME",
         help="model name recorded (default: <model> when the output folder is <repository>/<model>/<version>, "
-        f"else xor) (env XORSERVE_{prefix}_MODEL_NAME)",
+        "else xor)",
     )
-    parser.add_argument(
+    flag(
+        parser,
         "--model-version",
-        default=env_default(f"{command}_model_version", None),
+        env=f"{prefix}_MODEL_VERSION",
         help="model version recorded (default: <version> when the output folder is <repository>/<model>/<version>, "
-        f"else 1) (env XORSERVE_{prefix}_MODEL_VERSION)",
+        "else 1)",
     )
 
 
@@ -267,7 +269,7 @@ def read_provenance(report_path: Path) -> tuple[dict | None, float | None]:
 
 def _fail(message: str) -> int:
     print(f"xorserve export: error: {message}", file=sys.stderr)
-    return 2
+    return USAGE
 
 
 def run(args: argparse.Namespace) -> int:

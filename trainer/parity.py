@@ -15,7 +15,8 @@ session's bit for bit.
 
 Exit status: 0 every gating path passes; 1 a path misses; 2 the model folder does not match the
 contract (files missing or damaged, input/output names, types, shapes), the device asked for cannot be
-had, the server fails a request, or --json cannot be written: one line on stderr naming what is wrong.
+had, the server refuses a request as invalid, or --json cannot be written; 3 the server (--url) or its
+model cannot be reached: one line on stderr naming what is wrong.
 """
 
 from __future__ import annotations
@@ -28,7 +29,8 @@ from pathlib import Path
 
 import numpy as np
 
-from serving.cli import env_default
+from serving.cli.flags import CHECK_FAILED, OK, USAGE, Parser, device, flag, model
+from serving.devices import DeviceUnavailableError
 
 log = logging.getLogger(__name__)
 
@@ -199,7 +201,8 @@ def run_parity(
     Raises ContractError when the folder or the model does not match the contract, and
     serving.runtime.DeviceUnavailableError when `device` is "cuda" and CUDA cannot be had.
     """
-    from serving.runtime import CUDA, DeviceUnavailableError, SessionSettings, open_session, primary_provider
+    from serving.devices import CUDA
+    from serving.runtime import SessionSettings, open_session, primary_provider
 
     model_dir = Path(model_dir)
     onnx_path, state_dict_path = model_dir / "model.onnx", model_dir / "state_dict.pt"
@@ -314,58 +317,52 @@ def format_table(result: dict) -> str:
     return "\n".join(lines)
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
+def add_arguments(parser: Parser) -> None:
     parser.add_argument(
         "model_dir", type=Path, help="model folder holding model.onnx and state_dict.pt, e.g. models/xor/1"
     )
-    parser.add_argument(
-        "--json",
-        type=Path,
-        default=env_default("parity_json", None),
-        help="also write the result here (env XORSERVE_PARITY_JSON)",
-    )
-    parser.add_argument(
-        "--device",
-        choices=("auto", "cpu", "cuda"),
-        default=env_default("device", "auto"),
+    flag(parser, "--json", env="PARITY_JSON", type=Path, help="also write the result here")
+    device(
+        parser,
         help="ONNX Runtime paths: cpu = CPU only; auto = CPU, and CUDA when it loads; cuda = CPU and CUDA, "
-        "failing without CUDA (env XORSERVE_DEVICE)",
+        "failing without CUDA",
     )
-    parser.add_argument(
+    # Its own variable: XORSERVE_URL, set for `predict`, would silently add a served path here.
+    flag(
+        parser,
         "--url",
-        # Not XORSERVE_URL: set for `predict`, it would silently add a served path here.
-        default=env_default("parity_url", None),
-        help="HOST:PORT of a running server: add the served path, which must equal in-process ONNX Runtime "
-        "bit for bit (env XORSERVE_PARITY_URL)",
+        env="PARITY_URL",
+        help="HOST:PORT of a running server: add the served path, which must equal in-process ONNX Runtime bit for bit",
     )
-    parser.add_argument(
-        "--model",
-        default=env_default("model", None),
+    model(
+        parser,
         help="model name on the server (default: the folder's parent when MODEL_DIR is <repo>/<model>/<version>, "
-        "else xor) (env XORSERVE_MODEL)",
+        "else xor)",
+        default=None,
     )
 
 
 def run(args: argparse.Namespace) -> int:
-    from serving.runtime import DeviceUnavailableError
-
     # A folder <repository>/<model>/<version> asks the server for that model and version; any other, the latest xor.
     folder = args.model_dir.resolve()
     model, version = (folder.parent.name, folder.name) if folder.name.isdigit() else ("xor", "")
     if args.model:
         model, version = args.model, ""
-    failures: tuple[type[Exception], ...] = (ContractError, DeviceUnavailableError)
+    unreachable: tuple[type[Exception], ...] = ()
     if args.url:
         from serving.client import InferenceError
 
-        failures += (InferenceError,)
+        unreachable = (InferenceError,)
     try:
         result = run_parity(
             args.model_dir, device=args.device, url=args.url, served_model=model, served_version=version
         )
-    except failures as exc:
+    except (ContractError, DeviceUnavailableError) as exc:
         print(f"xorserve parity: error: {one_line(exc)}", file=sys.stderr)
-        return 2
+        return USAGE
+    except unreachable as exc:
+        print(f"xorserve parity: error: {args.url}: {one_line(exc)}", file=sys.stderr)
+        return exc.exit_code
     print(f"parity: {args.model_dir}")
     print(format_table(result))
     if args.json:
@@ -374,6 +371,6 @@ def run(args: argparse.Namespace) -> int:
             args.json.write_text(json.dumps({"model_dir": str(args.model_dir), **result}, indent=2) + "\n")
         except OSError as exc:
             print(f"xorserve parity: error: cannot write --json {args.json}: {exc.strerror or exc}", file=sys.stderr)
-            return 2
+            return USAGE
         print(f"wrote {args.json}")
-    return 0 if result["passed"] else 1
+    return OK if result["passed"] else CHECK_FAILED

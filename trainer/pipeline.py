@@ -25,7 +25,8 @@ from pathlib import Path
 
 import torch
 
-from serving.cli import env_default, number
+from serving.cli.flags import USAGE, Parser, device, flag, number
+from serving.devices import DeviceUnavailableError
 from trainer.export import OPSET, add_name_arguments, export_state_dict, resolve_names, sha256_file
 from trainer.model import architecture
 from trainer.numerics import MODES as NUMERICS_MODES
@@ -88,104 +89,54 @@ def build_report(model_name, model_version, settings, result, parity, out: Path)
     }
 
 
-positive_int = number(int, minimum=1)
-positive_float = number(float, above=0)
-non_negative_float = number(float, minimum=0)
-seed_int = number(int, minimum=0, maximum=MAX_SEED)
-
-
-def _env_text(name: str, default):
-    """XORSERVE_<NAME> as text when set, else the default: argparse then checks it with the flag's type."""
-    value = env_default(name, None)
-    return default if value is None else value
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
+def add_arguments(parser: Parser) -> None:
     defaults = TrainSettings()
-    # Command-scoped variable: XORSERVE_OUT is a file for `export` and a results folder for `demo`.
-    out_default = env_default("train_out", None)
-    parser.add_argument(
+    positive_int, positive_float = number(int, minimum=1), number(float, above=0)
+    flag(
+        parser,
         "--out",
+        env="TRAIN_OUT",
         type=Path,
-        default=out_default,
-        required=out_default is None,
+        required=True,
         help="folder to write, a model-repository version folder such as models/xor/1; replaced only when the "
-        "run finishes (env XORSERVE_TRAIN_OUT)",
+        "run finishes",
     )
-    parser.add_argument(
-        "--seed",
-        type=seed_int,
-        default=_env_text("seed", defaults.seed),
-        help="random seed (env XORSERVE_SEED)",
-    )
-    parser.add_argument(
-        "--epochs",
-        type=positive_int,
-        default=_env_text("epochs", defaults.epochs),
-        help="training epochs (env XORSERVE_EPOCHS)",
-    )
-    parser.add_argument(
-        "--lr",
-        type=positive_float,
-        default=_env_text("lr", defaults.lr),
-        help="SGD learning rate (env XORSERVE_LR)",
-    )
-    parser.add_argument(
-        "--batch-size",
-        type=positive_int,
-        default=_env_text("batch_size", defaults.batch_size),
-        help="batch size (env XORSERVE_BATCH_SIZE)",
-    )
-    parser.add_argument(
-        "--train-size",
-        type=positive_int,
-        default=_env_text("train_size", defaults.train_size),
-        help="training points (env XORSERVE_TRAIN_SIZE)",
-    )
-    parser.add_argument(
-        "--test-size",
-        type=positive_int,
-        default=_env_text("test_size", defaults.test_size),
-        help="test points (env XORSERVE_TEST_SIZE)",
-    )
-    parser.add_argument(
+    flag(parser, "--seed", type=number(int, minimum=0, maximum=MAX_SEED), default=defaults.seed, help="random seed")
+    flag(parser, "--epochs", type=positive_int, default=defaults.epochs, help="training epochs")
+    flag(parser, "--lr", type=positive_float, default=defaults.lr, help="SGD learning rate")
+    flag(parser, "--batch-size", type=positive_int, default=defaults.batch_size, help="batch size")
+    flag(parser, "--train-size", type=positive_int, default=defaults.train_size, help="training points")
+    flag(parser, "--test-size", type=positive_int, default=defaults.test_size, help="test points")
+    flag(
+        parser,
         "--std",
-        type=non_negative_float,
-        default=_env_text("std", defaults.std),
-        help="std of the Gaussian noise, 0 for none (env XORSERVE_STD)",
+        type=number(float, minimum=0),
+        default=defaults.std,
+        help="std of the Gaussian noise, 0 for none",
     )
-    parser.add_argument(
-        "--device",
-        choices=("auto", "cpu", "cuda"),
-        default=env_default("device", "auto"),
-        help="train on CUDA when PyTorch sees one (auto) or on the device named; parity uses the same choice "
-        "(env XORSERVE_DEVICE)",
+    device(
+        parser,
+        help="train on CUDA when PyTorch sees one (auto) or on the device named; parity uses the same choice",
     )
-    parser.add_argument(
+    flag(
+        parser,
         "--numerics",
         choices=NUMERICS_MODES,
-        default=env_default("numerics", "pinned"),
+        default="pinned",
         help="pinned: the same bytes on every x86-64 CPU (baseline kernels, one thread); native: this CPU's "
-        "fastest kernels, the same bytes only on this machine (env XORSERVE_NUMERICS)",
+        "fastest kernels, the same bytes only on this machine",
     )
     add_name_arguments(parser, "train")
-    parser.add_argument(
-        "--no-plots",
-        action="store_true",
-        default=env_default("no_plots", False),
-        help="skip the PNG plots (env XORSERVE_NO_PLOTS)",
-    )
+    flag(parser, "--no-plots", action="store_true", help="skip the PNG plots")
 
 
 def _fail(message: str) -> int:
     print(f"xorserve train: error: {message}", file=sys.stderr)
-    return 2
+    return USAGE
 
 
 def write_folder(args: argparse.Namespace, settings: TrainSettings, names: tuple[str, str], out: Path) -> int:
     """Train, save, export, check parity, plot and report into `out` (an empty folder); the exit status."""
-    from serving.runtime import DeviceUnavailableError
-
     model_name, model_version = names
     try:
         result = train(settings, device=args.device, numerics_mode=args.numerics)

@@ -11,14 +11,13 @@ import torch.nn as nn
 import torch.utils.data as data
 from tqdm import tqdm
 
-from serving.runtime import DeviceUnavailableError
+from serving.devices import DEVICES, DeviceUnavailableError
 from trainer import numerics
 from trainer.dataset import XORDataset
 from trainer.model import XorClassifier
 
 log = logging.getLogger(__name__)
 
-DEVICES = ("auto", "cpu", "cuda")
 # The test set is drawn with seed + TEST_SEED_OFFSET, so it never coincides with the training set
 # of another seed below 2**32.
 TEST_SEED_OFFSET = 2**32

@@ -6,13 +6,19 @@ depth, and an info gauge whose `provider` label says which execution provider ru
 Children are bound once per model so the request path does no label lookups.
 
 The request path does not touch prometheus_client: it counts into plain lists on the event loop
-(`Tally`, `Observations`: a list append), which `Metrics.flush` adds to the Prometheus children in bulk, every
-FLUSH_S and before each scrape. A prometheus_client histogram observation costs 2 to 4 us (a lock and
-a Python loop over the buckets), several per request; an append costs 0.05 us.
+(`Tally`, `Observations`: a list append), which `Metrics.flush` adds to prometheus_client in bulk, every
+FLUSH_S and before each scrape. prometheus_client has no public way to add many observations to a
+histogram at once (`Histogram.observe` takes one, at 1 to 4 us: a lock and a Python loop over the
+buckets, several per request), so the server counts its histograms' buckets itself: at flush, numpy
+sorts the values into buckets, and one `Gauge.inc` per non-empty bucket adds them to a gauge family
+`<histogram>_store` with an `le` label. `HistogramView`, the collector that /metrics shows, turns each
+store back into a Prometheus histogram (`_bucket`, `_count`, `_sum`). Only public API: `Gauge.inc`,
+custom collectors and `HistogramMetricFamily`.
 
 With several worker processes (`multiprocess=True`), prometheus_client's multiprocess mode keeps the
 values in files under PROMETHEUS_MULTIPROC_DIR (set before prometheus_client is first imported) and
-the parent serves their sum; each worker flushes on its timer (the parent cannot ask it to before a
+the parent serves their sum through the same `HistogramView` (the stores are gauges in "sum" mode, so
+a dead worker's observations stay counted); each worker flushes on its timer (the parent cannot ask it to before a
 scrape), so a scrape may lag by FLUSH_S. Each worker also reports its own count of answered requests,
 `xorserve_worker_inference_success{pid=...}` (a gauge, because counters are summed over processes).
 """
@@ -22,15 +28,20 @@ from __future__ import annotations
 import asyncio
 import os
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import numpy as np
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
+from prometheus_client.core import HistogramMetricFamily, Metric
 
 UNKNOWN_MODEL = "_unknown"
 FLUSH_S = 0.1  # how stale the exposed values may be while a worker serves; scrapes of one process flush first
 _SCRAPE_FLUSH_WAIT_S = 2.0
 _LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+
+
+STORE_SUFFIX = "_store"
+SUM_LE = "sum"  # the store's child that holds a histogram's sum
 
 
 def _power_of_two_buckets(largest: int) -> tuple[float, ...]:
@@ -60,19 +71,39 @@ class Tally:
             self._child.inc(count)
 
 
-class Observations:
-    """Histogram observations collected on the event loop and added to the Prometheus child at flush.
+def histograms(max_batch_size: int) -> dict[str, tuple[str, tuple[float, ...]]]:
+    """The server's histograms: name -> (help, upper bounds of the buckets before +Inf)."""
+    sizes = _power_of_two_buckets(max_batch_size)
+    return {
+        "xorserve_request_duration_seconds": (
+            "ModelInfer time in the server, from decoding the request to encoding the response",
+            _LATENCY_BUCKETS,
+        ),
+        "xorserve_queue_duration_seconds": ("Time a request waited in the batcher's queue", _LATENCY_BUCKETS),
+        "xorserve_compute_duration_seconds": ("ONNX Runtime time per batch", _LATENCY_BUCKETS),
+        "xorserve_batch_size_rows": ("Rows per batch run by ONNX Runtime", sizes),
+        "xorserve_batch_size_requests": ("Requests combined into each batch", sizes),
+    }
 
-    `observe` only appends to a list; flush sorts the values into buckets with numpy.
+
+def bucket_labels(bounds: tuple[float, ...]) -> list[str]:
+    """The `le` values of the buckets, as Prometheus writes them ("0.0001", "1.0", "+Inf")."""
+    return [repr(float(bound)) for bound in bounds] + ["+Inf"]
+
+
+class Observations:
+    """Histogram observations collected on the event loop and added, in bulk at flush, to a histogram's store.
+
+    `observe` only appends to a list; flush sorts the values into the buckets with numpy and adds each
+    bucket's count (and the sum) to the store's children.
     """
 
-    __slots__ = ("_child", "_bounds", "_values", "observe")
+    __slots__ = ("_bounds", "_children", "_sum", "_values", "observe")
 
-    MAX_PENDING = 100_000  # flushes early past this many values (normally the timer flushes first)
-
-    def __init__(self, child: Histogram) -> None:
-        self._child = child
-        self._bounds = np.asarray(child._upper_bounds, dtype=np.float64)  # the last one is +Inf
+    def __init__(self, store: Gauge, bounds: tuple[float, ...], labels: tuple[str, ...]) -> None:
+        self._bounds = np.asarray(bounds, dtype=np.float64)
+        self._children = [store.labels(*labels, le) for le in bucket_labels(bounds)]
+        self._sum = store.labels(*labels, SUM_LE)
         self._values: list[float] = []
         self.observe = self._values.append
 
@@ -83,17 +114,47 @@ class Observations:
         self._values = []
         self.observe = self._values.append
         array = np.asarray(values, dtype=np.float64)
-        # The first bucket whose upper bound is >= value, as Histogram.observe picks it; Histogram
-        # keeps one value per bucket (made cumulative when collected) and the sum.
-        counts = np.bincount(np.searchsorted(self._bounds, array, side="left"), minlength=len(self._bounds))
-        for bucket, count in zip(self._child._buckets, counts.tolist(), strict=True):
+        # The first bucket whose upper bound is >= the value, as Prometheus's `le` means; past the last, +Inf.
+        counts = np.bincount(np.searchsorted(self._bounds, array, side="left"), minlength=len(self._children))
+        for child, count in zip(self._children, counts.tolist(), strict=True):
             if count:
-                bucket.inc(count)
-        self._child._sum.inc(float(array.sum()))
+                child.inc(count)
+        self._sum.inc(float(array.sum()))
 
-    @property
-    def pending(self) -> int:
-        return len(self._values)
+
+class HistogramView:
+    """A collector that passes every metric of `source` through, except each histogram's store, which it shows
+    as the Prometheus histogram it counts: cumulative `_bucket`s, `_count` and `_sum`, labelled as before."""
+
+    def __init__(self, source: CollectorRegistry, specs: dict[str, tuple[str, tuple[float, ...]]]) -> None:
+        self._source = source
+        self._specs = {
+            name + STORE_SUFFIX: (name, help_text, bucket_labels(bounds)) for name, (help_text, bounds) in specs.items()
+        }
+
+    def describe(self) -> list:
+        return []
+
+    def collect(self) -> Iterator[Metric]:
+        for family in self._source.collect():
+            spec = self._specs.get(family.name)
+            yield family if spec is None else self._histogram(family, *spec)
+
+    @staticmethod
+    def _histogram(store: Metric, name: str, help_text: str, les: list[str]) -> HistogramMetricFamily:
+        series: dict[tuple[tuple[str, str], ...], dict[str, float]] = {}
+        for sample in store.samples:
+            labels = tuple(sorted((k, v) for k, v in sample.labels.items() if k != "le"))
+            series.setdefault(labels, {})[sample.labels["le"]] = sample.value
+        names = [k for k, _ in next(iter(series))] if series else ["model", "version"]
+        family = HistogramMetricFamily(name, help_text, labels=names)
+        for labels, values in series.items():
+            cumulative, buckets = 0.0, []
+            for le in les:
+                cumulative += values.get(le, 0.0)
+                buckets.append((le, cumulative))
+            family.add_metric([v for _, v in labels], buckets, sum_value=values.get(SUM_LE, 0.0))
+        return family
 
 
 class ModelMetrics:
@@ -101,12 +162,12 @@ class ModelMetrics:
 
     def __init__(self, metrics: Metrics, labels: tuple[str, str]) -> None:
         m = metrics
-        self.success = Tally(m._success.labels(*labels))
-        self.request_seconds = Observations(m._request.labels(*labels))
-        self.queue_seconds = Observations(m._queue.labels(*labels))
-        self.compute_seconds = Observations(m._compute.labels(*labels))
-        self.batch_rows = Observations(m._batch_rows.labels(*labels))
-        self.batch_requests = Observations(m._batch_requests.labels(*labels))
+        self.success = Tally(m.successes.labels(*labels))
+        self.request_seconds = m.observations("xorserve_request_duration_seconds", labels)
+        self.queue_seconds = m.observations("xorserve_queue_duration_seconds", labels)
+        self.compute_seconds = m.observations("xorserve_compute_duration_seconds", labels)
+        self.batch_rows = m.observations("xorserve_batch_size_rows", labels)
+        self.batch_requests = m.observations("xorserve_batch_size_requests", labels)
         self._parts = (
             self.success,
             self.request_seconds,
@@ -115,23 +176,28 @@ class ModelMetrics:
             self.batch_rows,
             self.batch_requests,
         )
-        self._queue_depth_gauge = m._queue_depth.labels(*labels)
+        self._queue_depth_gauge = m.queue_depth.labels(*labels)
         self._multiprocess = m.multiprocess
-        self._worker_success = m._worker_success.labels(*labels) if m._worker_success is not None else None
+        self._worker_success = m.worker_successes.labels(*labels) if m.worker_successes is not None else None
         self._answered = 0
         self._queue_depth: Callable[[], int] | None = None
-        self._failures = m._failure
+        self._failures = m.failures
         self._labels = labels
 
     def failure(self, reason: str) -> None:
         self._failures.labels(*self._labels, reason).inc()
 
+    def ran_alone(self, rows: int, compute_s: float) -> None:
+        """A request run at once, without waiting in the queue: a batch of one."""
+        self.queue_seconds.observe(0.0)
+        self.batch_requests.observe(1)
+        self.batch_rows.observe(rows)
+        self.compute_seconds.observe(compute_s)
+
     def batch(self, requests: int, rows: int, compute_s: float) -> None:
         self.batch_requests.observe(requests)
         self.batch_rows.observe(rows)
         self.compute_seconds.observe(compute_s)
-        if self.compute_seconds.pending > Observations.MAX_PENDING:
-            self.flush()
 
     def track_queue_depth(self, depth: Callable[[], int]) -> None:
         """Reports `depth()` as the queue depth (read at scrape time; at flush with several workers)."""
@@ -171,79 +237,53 @@ class Metrics:
             raise ValueError(
                 "multiprocess metrics need PROMETHEUS_MULTIPROC_DIR set before prometheus_client is imported"
             )
+        # What the metrics are kept in, and what /metrics shows: the stores turned back into histograms.
+        self.store = CollectorRegistry()
+        self.specs = histograms(max_batch_size)
         self.registry = CollectorRegistry()
-        self.multiprocess = multiprocess
         self.registry.register(_FlushBeforeScrape(self))
+        self.registry.register(HistogramView(self.store, self.specs))
+        self.multiprocess = multiprocess
         self._models: list[ModelMetrics] = []
         self._loop: asyncio.AbstractEventLoop | None = None
         self._timer: asyncio.TimerHandle | None = None
         labels = ("model", "version")
-        self._success = Counter(
-            "xorserve_inference_success", "Inference requests answered OK", labels, registry=self.registry
+        self.successes = Counter(
+            "xorserve_inference_success", "Inference requests answered OK", labels, registry=self.store
         )
-        self._failure = Counter(
+        self.failures = Counter(
             "xorserve_inference_failure",
             "Inference requests answered with an error, by gRPC status",
             (*labels, "reason"),
-            registry=self.registry,
+            registry=self.store,
         )
-        self._request = Histogram(
-            "xorserve_request_duration_seconds",
-            "ModelInfer time in the server, from decoding the request to encoding the response",
-            labels,
-            buckets=_LATENCY_BUCKETS,
-            registry=self.registry,
-        )
-        self._queue = Histogram(
-            "xorserve_queue_duration_seconds",
-            "Time a request waited in the batcher's queue",
-            labels,
-            buckets=_LATENCY_BUCKETS,
-            registry=self.registry,
-        )
-        self._compute = Histogram(
-            "xorserve_compute_duration_seconds",
-            "ONNX Runtime time per batch",
-            labels,
-            buckets=_LATENCY_BUCKETS,
-            registry=self.registry,
-        )
-        self._batch_rows = Histogram(
-            "xorserve_batch_size_rows",
-            "Rows per batch run by ONNX Runtime",
-            labels,
-            buckets=_power_of_two_buckets(max_batch_size),
-            registry=self.registry,
-        )
-        self._batch_requests = Histogram(
-            "xorserve_batch_size_requests",
-            "Requests combined into each batch",
-            labels,
-            buckets=_power_of_two_buckets(max_batch_size),
-            registry=self.registry,
-        )
-        self._queue_depth = Gauge(
+        # "sum": with several workers, the parent adds up every worker's counts, a dead one's included.
+        self.stores = {
+            name: Gauge(name + STORE_SUFFIX, help_text, (*labels, "le"), registry=self.store, multiprocess_mode="sum")
+            for name, (help_text, _) in self.specs.items()
+        }
+        self.queue_depth = Gauge(
             "xorserve_queue_depth",
             "Requests waiting in the batcher's queue",
             labels,
-            registry=self.registry,
+            registry=self.store,
             multiprocess_mode="livesum",
         )
-        self._info = Gauge(
+        self.info = Gauge(
             "xorserve_model_info",
             "1 for each loaded model version; the provider label is the execution provider running it",
             (*labels, "provider"),
-            registry=self.registry,
+            registry=self.store,
             multiprocess_mode="livemax",
         )
         # Per worker (the multiprocess collector adds a pid label); a dead worker's series goes, its
         # requests stay counted in xorserve_inference_success.
-        self._worker_success = (
+        self.worker_successes = (
             Gauge(
                 "xorserve_worker_inference_success",
                 "Inference requests this worker process answered OK (pid label; with --workers > 1 only)",
                 labels,
-                registry=self.registry,
+                registry=self.store,
                 multiprocess_mode="liveall",
             )
             if multiprocess
@@ -252,8 +292,12 @@ class Metrics:
         self._http = None
         self._thread: threading.Thread | None = None
 
+    def observations(self, histogram: str, labels: tuple[str, ...]) -> Observations:
+        """The request path's collector of one histogram's observations for one model version."""
+        return Observations(self.stores[histogram], self.specs[histogram][1], labels)
+
     def for_model(self, model: str, version: str, provider: str) -> ModelMetrics:
-        self._info.labels(model, version, provider).set(1)
+        self.info.labels(model, version, provider).set(1)
         metrics = ModelMetrics(self, (model, version))
         self._models.append(metrics)
         return metrics
@@ -299,7 +343,7 @@ class Metrics:
 
     def failure(self, model: str, version: str, reason: str) -> None:
         """A failure not tied to a loaded model version (unknown model or version, not loaded)."""
-        self._failure.labels(model, version, reason).inc()
+        self.failures.labels(model, version, reason).inc()
 
     def serve(self, host: str, port: int) -> int:
         """Starts the HTTP endpoint in a daemon thread; returns the port it listens on."""

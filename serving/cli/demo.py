@@ -21,32 +21,27 @@ from pathlib import Path
 
 import numpy as np
 
-from serving.cli import env_default
+from serving.cli.flags import CHECK_FAILED, Parser, flag, model_repository, number
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--out", default=env_default("demo_out", "out/demo"), help="where the demo writes (XORSERVE_DEMO_OUT)"
-    )
-    parser.add_argument(
-        "--model-repository",
-        default=env_default("model_repository", "models"),
-        help="the shipped model repository to serve (XORSERVE_MODEL_REPOSITORY)",
-    )
-    parser.add_argument("--sample-rows", type=int, default=100_000, help="rows in the generated sample CSV")
-    parser.add_argument("--loadtest-duration", default="10s", help="Locust run time")
-    parser.add_argument("--loadtest-users", type=int, default=8, help="Locust users")
+def add_arguments(parser: Parser) -> None:
+    flag(parser, "--out", env="DEMO_OUT", default="out/demo", help="where the demo writes")
+    model_repository(parser, default=Path("models"), help="the shipped model repository to serve")
+    flag(parser, "--sample-rows", type=number(int, minimum=1), default=100_000, help="rows in the generated sample CSV")
+    flag(parser, "--loadtest-duration", default="10s", help="Locust run time, e.g. 10s")
+    flag(parser, "--loadtest-users", type=number(int, minimum=1), default=8, help="Locust users")
 
 
 def _step(number: int, title: str) -> None:
     print(f"\n=== {number}. {title}", flush=True)
 
 
-def _xorserve(*args: str, ok: tuple[int, ...] = (0,)) -> None:
+def _xorserve(*args: str) -> None:
     print("$ xorserve " + " ".join(args), flush=True)
     code = subprocess.call([sys.executable, "-m", "serving.cli", *args])
-    if code not in ok:
-        raise SystemExit(f"xorserve demo: `xorserve {args[0]}` exited {code}")
+    if code != 0:
+        print(f"xorserve demo: `xorserve {args[0]}` exited {code}", file=sys.stderr)
+        raise SystemExit(CHECK_FAILED)
 
 
 def write_sample_csv(path: Path, rows: int, seed: int = 7) -> None:
@@ -99,7 +94,7 @@ def _exit_on_sigterm(signum, frame) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from serving.launch import ServerProcess
+    from serving.client.launch import ServerProcess
 
     signal.signal(signal.SIGTERM, _exit_on_sigterm)
 
@@ -158,9 +153,9 @@ def run(args: argparse.Namespace) -> int:
         code = server.stop()
         print(f"server exited {code}")
         if code != 0:
-            return 1
+            return CHECK_FAILED
     print(f"\ndemo done: everything is under {out}/")
     if not kept.startswith(IDENTICAL):
         print(f"but step 1 broke the reproducibility contract: {kept}", file=sys.stderr)
-        return 1
+        return CHECK_FAILED
     return 0

@@ -7,102 +7,29 @@ came. Nothing here knows about batching or sessions: it sees tensor specs and me
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from functools import cached_property
+import operator
 
 import numpy as np
 
 from serving._proto import grpc_service_pb2 as pb
 from serving._proto import model_config_pb2 as mc
-from serving.errors import InvalidInputError
-
-# ONNX Runtime's type names -> Open Inference Protocol datatypes.
-ONNX_DATATYPES = {
-    "tensor(bool)": "BOOL",
-    "tensor(uint8)": "UINT8",
-    "tensor(uint16)": "UINT16",
-    "tensor(uint32)": "UINT32",
-    "tensor(uint64)": "UINT64",
-    "tensor(int8)": "INT8",
-    "tensor(int16)": "INT16",
-    "tensor(int32)": "INT32",
-    "tensor(int64)": "INT64",
-    "tensor(float16)": "FP16",
-    "tensor(float)": "FP32",
-    "tensor(double)": "FP64",
-}
-
-# Datatype -> numpy dtype on the wire (little-endian, as the protocol requires).
-NUMPY_DTYPES = {
-    "BOOL": np.dtype("?"),
-    "UINT8": np.dtype("u1"),
-    "UINT16": np.dtype("<u2"),
-    "UINT32": np.dtype("<u4"),
-    "UINT64": np.dtype("<u8"),
-    "INT8": np.dtype("i1"),
-    "INT16": np.dtype("<i2"),
-    "INT32": np.dtype("<i4"),
-    "INT64": np.dtype("<i8"),
-    "FP16": np.dtype("<f2"),
-    "FP32": np.dtype("<f4"),
-    "FP64": np.dtype("<f8"),
-}
-
-# Datatype -> the InferTensorContents field that carries it typed (FP16 travels raw only).
-CONTENTS_FIELDS = {
-    "BOOL": "bool_contents",
-    "UINT8": "uint_contents",
-    "UINT16": "uint_contents",
-    "UINT32": "uint_contents",
-    "UINT64": "uint64_contents",
-    "INT8": "int_contents",
-    "INT16": "int_contents",
-    "INT32": "int_contents",
-    "INT64": "int64_contents",
-    "FP32": "fp32_contents",
-    "FP64": "fp64_contents",
-}
+from serving.protocol import CONTENTS_FIELDS, FLOAT_DATATYPES, NUMPY_DTYPES, TensorSpec, shape_text
+from serving.server.errors import InvalidInputError
 
 # Datatype -> Triton's ModelConfig enum.
 CONFIG_DATATYPES = {name: mc.DataType.Value("TYPE_" + name) for name in NUMPY_DTYPES}
-
-FLOAT_DATATYPES = frozenset({"FP16", "FP32", "FP64"})
-
-
-@dataclass(frozen=True)
-class TensorSpec:
-    """A model tensor: name, protocol datatype and shape with -1 for each variable dimension."""
-
-    name: str
-    datatype: str
-    shape: tuple[int, ...]
-
-    @property
-    def dtype(self) -> np.dtype:
-        return NUMPY_DTYPES[self.datatype]
-
-    @cached_property
-    def fixed_dims(self) -> tuple[tuple[int, int], ...]:
-        """(axis, size) of every dimension whose size is fixed."""
-        return tuple((axis, size) for axis, size in enumerate(self.shape) if size != -1)
-
-
-def _shape_text(shape) -> str:
-    return "[" + ", ".join(str(d) for d in shape) + "]"
 
 
 def _check_shape(spec: TensorSpec, shape: tuple[int, ...]) -> int:
     """Raises unless `shape` fits the spec with a non-empty batch; returns the element count."""
     if len(shape) != len(spec.shape) or any(shape[axis] != size for axis, size in spec.fixed_dims):
-        raise InvalidInputError(
-            f"input '{spec.name}' has shape {_shape_text(shape)}; expected {_shape_text(spec.shape)}"
-        )
+        raise InvalidInputError(f"input '{spec.name}' has shape {shape_text(shape)}; expected {shape_text(spec.shape)}")
     count = math.prod(shape)
     if count <= 0:
         if min(shape) < 0:
-            raise InvalidInputError(f"input '{spec.name}' has shape {_shape_text(shape)}; dimensions must be >= 0")
+            raise InvalidInputError(f"input '{spec.name}' has shape {shape_text(shape)}; dimensions must be >= 0")
         if shape and shape[0] == 0:
-            raise InvalidInputError(f"input '{spec.name}' has an empty batch (shape {_shape_text(shape)})")
+            raise InvalidInputError(f"input '{spec.name}' has an empty batch (shape {shape_text(shape)})")
     return count
 
 
@@ -118,7 +45,7 @@ def _decode_one(spec: TensorSpec, tensor, raw: bytes | None) -> np.ndarray:
         if len(raw) != count * dtype.itemsize:
             raise InvalidInputError(
                 f"input '{spec.name}' has {len(raw)} bytes of raw contents; "
-                f"shape {_shape_text(shape)} of {spec.datatype} needs {count * dtype.itemsize}"
+                f"shape {shape_text(shape)} of {spec.datatype} needs {count * dtype.itemsize}"
             )
         if tensor.HasField("contents"):
             raise InvalidInputError(
@@ -133,7 +60,7 @@ def _decode_one(spec: TensorSpec, tensor, raw: bytes | None) -> np.ndarray:
         if len(values) != count:
             raise InvalidInputError(
                 f"input '{spec.name}' has {len(values)} values in contents.{field}; "
-                f"shape {_shape_text(shape)} needs {count}"
+                f"shape {shape_text(shape)} needs {count}"
             )
         array = np.asarray(values, dtype=dtype)
     array = array.reshape(shape)
@@ -223,11 +150,24 @@ def encode_response(
 class _Signature:
     """What a validated single-input request looked like, so the next one like it skips re-validation."""
 
-    __slots__ = ("name", "shape", "nbytes", "dtype", "rows", "floating", "top_byte", "suspects")
+    __slots__ = (
+        "name",
+        "datatype",
+        "shape",
+        "shape_list",
+        "nbytes",
+        "dtype",
+        "rows",
+        "floating",
+        "top_byte",
+        "suspects",
+    )
 
     def __init__(self, spec: TensorSpec, shape: tuple[int, ...], rows: int) -> None:
         self.name = spec.name
+        self.datatype = spec.datatype
         self.shape = shape
+        self.shape_list = list(shape)  # what a request's repeated shape field compares equal to
         self.dtype = NUMPY_DTYPES[spec.datatype]
         self.nbytes = math.prod(shape) * self.dtype.itemsize
         self.rows = rows
@@ -250,6 +190,7 @@ class InputDecoder:
         self._specs = specs
         self._single = len(specs) == 1
         self._signatures: dict[tuple, _Signature] = {}
+        self._last: _Signature | None = None  # the signature of the previous fast request: usually this one's
 
     def decode(self, request: pb.ModelInferRequest) -> tuple[dict[str, np.ndarray], int]:
         if self._single:
@@ -257,17 +198,26 @@ class InputDecoder:
             raws = request.raw_input_contents
             if len(tensors) == 1 and len(raws) == 1:
                 tensor = tensors[0]
-                key = (tensor.name, tensor.datatype, tuple(tensor.shape))
-                signature = self._signatures.get(key)
+                signature = self._last
+                if (
+                    signature is None
+                    or tensor.shape != signature.shape_list
+                    or tensor.name != signature.name
+                    or tensor.datatype != signature.datatype
+                ):
+                    key = (tensor.name, tensor.datatype, tuple(tensor.shape))
+                    signature = self._signatures.get(key)
                 raw = raws[0]
                 if signature is not None and len(raw) == signature.nbytes and not tensor.HasField("contents"):
-                    array = np.frombuffer(raw, signature.dtype).reshape(signature.shape)
+                    array = np.ndarray(signature.shape, signature.dtype, raw)
                     if not signature.floating or _surely_finite_raw(raw, signature) or _surely_finite(array):
+                        self._last = signature
                         return {signature.name: array}, signature.rows
                 arrays, rows = decode_inputs(request, self._specs)
                 if signature is None:
                     if len(self._signatures) >= self.MAX_SIGNATURES:
                         self._signatures.clear()
+                    key = (tensor.name, tensor.datatype, tuple(tensor.shape))
                     self._signatures[key] = _Signature(self._specs[0], key[2], rows)
                 return arrays, rows
         return decode_inputs(request, self._specs)
@@ -291,7 +241,10 @@ def _surely_finite_raw(raw: bytes, signature: _Signature) -> bool:
     for arrays of 500 elements or more, and each release costs tens of microseconds of a loaded
     single-core server (docs/benchmarks.md); on tiny arrays it is also faster than np.isfinite."""
     tops = raw[signature.top_byte :: signature.top_byte + 1]
-    return not any(suspect in tops for suspect in signature.suspects)
+    for suspect in signature.suspects:  # noqa: SIM110 (a loop: all() and its generator cost more per request)
+        if suspect in tops:
+            return False
+    return True
 
 
 def _surely_finite(array: np.ndarray) -> bool:
@@ -308,8 +261,14 @@ def _surely_finite(array: np.ndarray) -> bool:
 
 
 class ResponseEncoder:
-    """`encode_response` for one model version, from a prebuilt response per (outputs, shapes): each
-    answer copies it (one C-level copy) and adds the id and the raw contents."""
+    """`encode_response` for one model version, written straight into protobuf's wire format.
+
+    A ModelInferResponse is its fields one after another, in any order. Per (outputs asked for, shapes)
+    the encoder serializes once a template holding the model name, version and output tensors; each
+    answer is that template, then the id (field 3) and the raw contents (field 6), each a tag, a length
+    and the bytes. The servicer hands these bytes to gRPC as they are (see `servicer.add_to_server`);
+    `tests/test_codec.py` checks that they parse to the message `encode_response` builds.
+    """
 
     MAX_TEMPLATES = 256
 
@@ -317,30 +276,79 @@ class ResponseEncoder:
         self._model = model
         self._version = version
         self._specs = specs
-        self._templates: dict[tuple, pb.ModelInferResponse] = {}
+        self._index = {spec.name: index for index, spec in enumerate(specs)}
+        # (id of a selection below, shapes...) -> (template bytes, whether the arrays' dtypes are the specs').
+        self._templates: dict[tuple, tuple[bytes, bool]] = {}
+        # The outputs a list of names asks for; templates are keyed by these tuples' ids, so they live here.
+        self._selections: dict[tuple[str, ...], tuple[TensorSpec, ...]] = {tuple(self._index): specs}
 
-    def encode(
-        self, request_id: str, outputs: tuple[TensorSpec, ...], arrays: dict[str, np.ndarray]
-    ) -> pb.ModelInferResponse:
-        chosen = [arrays[spec.name] for spec in outputs]
-        # All outputs (the usual request) are keyed by shapes alone; hashing the specs costs more.
-        names = None if outputs is self._specs else tuple(spec.name for spec in outputs)
-        key = (names, *[array.shape for array in chosen])
-        template = self._templates.get(key)
-        if template is None:
+    def outputs_for(self, request: pb.ModelInferRequest) -> tuple[TensorSpec, ...]:
+        """`requested_outputs`, remembered per list of names: all outputs in the model's order are the specs
+        themselves (the encoder's quickest case)."""
+        if not request.outputs:
+            return self._specs
+        names = tuple(map(_NAME, request.outputs))
+        chosen = self._selections.get(names)
+        if chosen is None:
+            chosen = requested_outputs(request, self._specs)
+            if len(self._selections) >= self.MAX_TEMPLATES:  # templates keyed by the old selections go too
+                self._selections = {tuple(self._index): self._specs}
+                self._templates.clear()
+            self._selections[names] = chosen
+        return chosen
+
+    def encode(self, request_id: str, outputs: tuple[TensorSpec, ...], results: list[np.ndarray]) -> bytes:
+        """The serialized response carrying `outputs` (a tuple from `outputs_for`) of `results`, the model's
+        outputs in its order."""
+        chosen = results if outputs is self._specs else [results[self._index[spec.name]] for spec in outputs]
+        key = (id(outputs), *map(_SHAPE, chosen))
+        entry = self._templates.get(key)
+        if entry is None:
             if len(self._templates) >= self.MAX_TEMPLATES:
                 self._templates.clear()
+            arrays = {spec.name: array for spec, array in zip(outputs, chosen, strict=True)}
             template = encode_response(self._model, self._version, "", outputs, arrays)
             template.ClearField("raw_output_contents")
-            self._templates[key] = template
-        response = pb.ModelInferResponse()
-        response.CopyFrom(template)
+            same = all(array.dtype == spec.dtype for spec, array in zip(outputs, chosen, strict=True))
+            entry = self._templates[key] = (template.SerializeToString(), same)
+        template, same_dtypes = entry
+        parts = [template]
         if request_id:
-            response.id = request_id
-        response.raw_output_contents.extend(
-            [
-                array.tobytes() if array.dtype == spec.dtype else np.asarray(array, dtype=spec.dtype).tobytes()
-                for spec, array in zip(outputs, chosen, strict=True)
-            ]
-        )
-        return response
+            identifier = request_id.encode()
+            parts += (length_prefix(_ID, len(identifier)), identifier)
+        if not same_dtypes:
+            chosen = [np.asarray(array, dtype=spec.dtype) for spec, array in zip(outputs, chosen, strict=True)]
+        for data in map(_TOBYTES, chosen):
+            parts += (length_prefix(_RAW_OUTPUT, len(data)), data)
+        return b"".join(parts)
+
+
+_NAME = operator.attrgetter("name")
+_SHAPE = operator.attrgetter("shape")
+_TOBYTES = np.ndarray.tobytes
+# Tags of length-delimited fields: (field number << 3) | 2.
+_ID = 3 << 3 | 2  # ModelInferResponse.id
+_RAW_OUTPUT = 6 << 3 | 2  # ModelInferResponse.raw_output_contents
+_STREAM_INFER_RESPONSE = 2 << 3 | 2  # ModelStreamInferResponse.infer_response
+_PREFIXES: dict[tuple[int, int], bytes] = {}
+
+
+def length_prefix(tag: int, length: int) -> bytes:
+    """A length-delimited field's tag and length as varints (both below 2**63), remembered for common ones."""
+    prefix = _PREFIXES.get((tag, length))
+    if prefix is None:
+        out = bytearray([tag])
+        value = length
+        while value > 0x7F:
+            out.append(value & 0x7F | 0x80)
+            value >>= 7
+        out.append(value)
+        prefix = bytes(out)
+        if len(_PREFIXES) < 4096:
+            _PREFIXES[(tag, length)] = prefix
+    return prefix
+
+
+def stream_response(infer_response: bytes) -> bytes:
+    """A ModelStreamInferResponse carrying an encoded ModelInferResponse, in wire format."""
+    return length_prefix(_STREAM_INFER_RESPONSE, len(infer_response)) + infer_response

@@ -2,23 +2,33 @@
 
 It loads the repository (one Batcher per model version), resolves model names and versions, runs
 inference through the batchers, answers metadata and configuration, and drains on shutdown. Errors
-are raised as serving.errors exceptions; the servicer maps them to status codes.
+are raised as serving.server.errors exceptions; the servicer maps them to status codes.
+
+A request's way down and back, in one place (`infer`): `prepare` resolves the model and decodes and
+checks the inputs into a Job, then `run` awaits the batcher's result for it and encodes the response.
+A stream calls the two halves itself, to await in line a job the batcher answers soon.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections.abc import Awaitable
 from dataclasses import dataclass
 from pathlib import Path
 
-from serving import converters
+import numpy as np
+
 from serving._proto import grpc_service_pb2 as pb
 from serving._proto import model_config_pb2 as mc
-from serving.batching import Batcher, BatchPolicy, Coalescer
-from serving.errors import (
+from serving.devices import CUDA, DeviceUnavailableError
+from serving.protocol import TensorSpec
+from serving.runtime import SessionSettings
+from serving.server import codec
+from serving.server.batching import Batcher, BatchPolicy, Coalescer
+from serving.server.errors import (
     STATUS,
     DeadlineExceededError,
     ModelNotFoundError,
@@ -26,27 +36,13 @@ from serving.errors import (
     TooLargeError,
     UnavailableError,
 )
-from serving.metrics import UNKNOWN_MODEL, Metrics, ModelMetrics
-from serving.repository import MODEL_FILE, PLATFORM, LoadedVersion, discover, load_version, rows_within
-from serving.runtime import CUDA, DeviceUnavailableError, SessionSettings
+from serving.server.metrics import UNKNOWN_MODEL, Metrics, ModelMetrics
+from serving.server.repository import MODEL_FILE, PLATFORM, LoadedVersion, discover, load_version, rows_within
 
 log = logging.getLogger(__name__)
 
 SERVER_NAME = "xorserve"
 EXTENSIONS = ("model_configuration", "streaming")
-
-
-class Prompt:
-    """An answer the batcher gives soon (a request held for coalescing with the others the event loop
-    is busy with, see serving.batching): a stream awaits it in line instead of starting a task for it."""
-
-    __slots__ = ("_answer",)
-
-    def __init__(self, answer: Awaitable[pb.ModelInferResponse]) -> None:
-        self._answer = answer
-
-    def __await__(self):
-        return self._answer.__await__()
 
 
 @dataclass
@@ -58,8 +54,29 @@ class ServedVersion:
     metrics: ModelMetrics
     output_names: tuple[str, ...]
     max_batch_size: int  # reported in ModelConfig: 0 when the model has no batch axis
-    decoder: converters.InputDecoder
-    encoder: converters.ResponseEncoder
+    decoder: codec.InputDecoder
+    encoder: codec.ResponseEncoder
+    row_bytes: int | None  # bytes of all outputs per row when every output has a batch axis and fixed other dims
+
+
+class Job:
+    """One decoded request on its way through the data plane (see `DataPlane.prepare`)."""
+
+    __slots__ = ("served", "request", "inputs", "rows", "outputs", "deadline", "start")
+
+    def __init__(self, served, request, inputs, rows, outputs, deadline, start) -> None:
+        self.served: ServedVersion = served
+        self.request: pb.ModelInferRequest = request
+        self.inputs: dict[str, np.ndarray] = inputs
+        self.rows: int = rows  # at least 1: a model without a batch axis takes one row
+        self.outputs: tuple[TensorSpec, ...] = outputs  # those the request asks for
+        self.deadline: float | None = deadline  # on the event loop's clock
+        self.start: float = start  # perf_counter at arrival, for the request duration
+
+    @property
+    def soon(self) -> bool:
+        """The batcher answers it within a few turns of the loop (a stream awaits it in line)."""
+        return self.served.batcher.answers_soon(self.rows)
 
 
 class DataPlane:
@@ -164,8 +181,9 @@ class DataPlane:
             metrics,
             outputs,
             self._policy.max_batch_size if batchable else 0,
-            converters.InputDecoder(loaded.inputs),
-            converters.ResponseEncoder(loaded.model, loaded.version, loaded.outputs),
+            codec.InputDecoder(loaded.inputs),
+            codec.ResponseEncoder(loaded.model, loaded.version, loaded.outputs),
+            _row_bytes(loaded.outputs) if batchable else None,
         )
         self._models.setdefault(loaded.model, {})[loaded.version] = served
         self._resolved.clear()
@@ -275,11 +293,11 @@ class DataPlane:
             runtime="onnxruntime",
             max_batch_size=served.max_batch_size,
             input=[
-                mc.ModelInput(name=s.name, data_type=converters.CONFIG_DATATYPES[s.datatype], dims=s.shape[skip:])
+                mc.ModelInput(name=s.name, data_type=codec.CONFIG_DATATYPES[s.datatype], dims=s.shape[skip:])
                 for s in loaded.inputs
             ],
             output=[
-                mc.ModelOutput(name=s.name, data_type=converters.CONFIG_DATATYPES[s.datatype], dims=s.shape[skip:])
+                mc.ModelOutput(name=s.name, data_type=codec.CONFIG_DATATYPES[s.datatype], dims=s.shape[skip:])
                 for s in loaded.outputs
             ],
             instance_group=[
@@ -297,86 +315,80 @@ class DataPlane:
             config.dynamic_batching.max_queue_delay_microseconds = self._policy.max_queue_delay_us
         return pb.ModelConfigResponse(config=config)
 
-    async def infer(self, request: pb.ModelInferRequest, time_remaining: float | None) -> pb.ModelInferResponse:
-        """Runs one request through its model's batcher. `time_remaining`: seconds to the deadline."""
-        result = self.start_infer(request, time_remaining)
-        if type(result) is not pb.ModelInferResponse:
-            result = await result
-        return result
+    def infer(self, request: pb.ModelInferRequest, time_remaining: float | None) -> Awaitable[bytes]:
+        """Runs one request through its model's batcher: await the result for its response, a serialized
+        ModelInferResponse (serving.server.codec.ResponseEncoder).
+        `time_remaining`: seconds to its deadline, if any. Raises what `prepare` and `run` raise."""
+        return self.run(self.prepare(request, time_remaining))  # one coroutine, not two, per request
 
-    def start_infer(
-        self, request: pb.ModelInferRequest, time_remaining: float | None
-    ) -> pb.ModelInferResponse | Awaitable[pb.ModelInferResponse]:
-        """`infer` without the coroutine: the response itself when the model ran at once (inline
-        execution, nothing queued, the event loop otherwise idle), else an awaitable of it (a `Prompt`
-        when it is held for coalescing). Raises serving.errors exceptions."""
+    def prepare(self, request: pb.ModelInferRequest, time_remaining: float | None) -> Job:
+        """Resolves the model and decodes and checks the request; raises serving.server.errors exceptions."""
         start = time.perf_counter()
         served = self._resolved.get((request.model_name, request.model_version))
         if served is None:
-            try:
-                served = self.resolve(request.model_name, request.model_version)
-            except ServingError as exc:
-                known = request.model_name in self._models
-                name = request.model_name if known else UNKNOWN_MODEL
-                self._metrics.failure(name, UNKNOWN_MODEL, STATUS[type(exc)].name)
-                raise
-            if len(self._resolved) < 1024:  # bounded: names come from clients
-                self._resolved[(request.model_name, request.model_version)] = served
-        metrics = served.metrics
+            served = self._resolve_cached(request.model_name, request.model_version)
         try:
             if self.draining:
                 self._last_refusal = asyncio.get_running_loop().time()
                 raise UnavailableError("server is shutting down and takes no new requests; retry elsewhere")
-            arrays, rows = served.decoder.decode(request)
-            wanted = converters.requested_outputs(request, served.loaded.outputs)
-            if time_remaining is not None and time_remaining <= 0:
-                raise DeadlineExceededError("the request's deadline passed before it could run; it was not run")
-            batcher = served.batcher
-            outputs = batcher.run_now(arrays, rows or 1)
-            if outputs is None:
-                later = self._finish_later(served, request, arrays, rows, wanted, time_remaining, start)
-                return Prompt(later) if batcher.answers_soon(rows or 1) else later
-            response = self._respond(served, request, wanted, outputs)
-        except Exception as exc:
-            _count_failure(metrics, exc)
-            raise
-        _count_success(metrics, start)
-        return response
-
-    async def _finish_later(
-        self, served, request, arrays, rows, wanted, time_remaining, start
-    ) -> pb.ModelInferResponse:
-        """The queued path: waits for the batcher, then answers as `start_infer` does."""
-        metrics = served.metrics
-        try:
+            inputs, rows = served.decoder.decode(request)
+            outputs = served.encoder.outputs_for(request)
             deadline = None
             if time_remaining is not None:
+                if time_remaining <= 0:
+                    raise DeadlineExceededError("the request's deadline passed before it could run; it was not run")
                 deadline = asyncio.get_running_loop().time() + time_remaining
-            outputs = await served.batcher.submit(arrays, rows or 1, deadline)
-            response = self._respond(served, request, wanted, outputs)
         except Exception as exc:
-            _count_failure(metrics, exc)
+            _count_failure(served.metrics, exc)
             raise
-        _count_success(metrics, start)
+        return Job(served, request, inputs, rows or 1, outputs, deadline, start)
+
+    async def run(self, job: Job) -> bytes:
+        """Awaits the job's outputs from the batcher and encodes its response; raises as `prepare` does."""
+        served = job.served
+        try:
+            results = await served.batcher.run(job.inputs, job.rows, job.deadline)
+            response = self._respond(served, job, results)
+        except Exception as exc:
+            _count_failure(served.metrics, exc)
+            raise
+        metrics = served.metrics
+        metrics.success.count += 1
+        metrics.request_seconds.observe(time.perf_counter() - job.start)
         return response
 
-    def _respond(self, served: ServedVersion, request, wanted, outputs: list) -> pb.ModelInferResponse:
-        results = dict(zip(served.output_names, outputs, strict=True))
-        size = sum(output.nbytes for output in outputs)
-        if size > self._max_message_bytes:
-            size = sum(results[spec.name].nbytes for spec in wanted)
-        if size > self._max_message_bytes:
-            raise TooLargeError(
-                f"the response would carry {size} bytes of outputs; the limit is {self._max_message_bytes} "
-                "(--max-message-bytes); send fewer rows per request"
+    def _resolve_cached(self, name: str, version: str) -> ServedVersion:
+        """`resolve`, remembered (for `prepare`, which looks in `_resolved` first); failures are counted."""
+        try:
+            served = self.resolve(name, version)
+        except ServingError as exc:
+            self._metrics.failure(
+                name if name in self._models else UNKNOWN_MODEL, UNKNOWN_MODEL, STATUS[type(exc)].name
             )
-        return served.encoder.encode(request.id, wanted, results)
+            raise
+        if len(self._resolved) < 1024:  # bounded: names come from clients
+            self._resolved[(name, version)] = served
+        return served
+
+    def _respond(self, served: ServedVersion, job: Job, results: list) -> bytes:
+        # Outputs whose size is known per row need the exact sum only near the limit.
+        if served.row_bytes is None or job.rows * served.row_bytes > self._max_message_bytes:
+            by_name = dict(zip(served.output_names, results, strict=True))
+            size = sum(by_name[spec.name].nbytes for spec in job.outputs)
+            if size > self._max_message_bytes:
+                raise TooLargeError(
+                    f"the response would carry {size} bytes of outputs; the limit is {self._max_message_bytes} "
+                    "(--max-message-bytes); send fewer rows per request"
+                )
+        return served.encoder.encode(job.request.id, job.outputs, results)
+
+
+def _row_bytes(outputs: tuple[TensorSpec, ...]) -> int | None:
+    """Bytes per row of all outputs together, when every dimension but the batch axis is fixed."""
+    if any(-1 in spec.shape[1:] for spec in outputs):
+        return None
+    return sum(spec.dtype.itemsize * math.prod(spec.shape[1:]) for spec in outputs)
 
 
 def _count_failure(metrics, exc: Exception) -> None:
     metrics.failure(STATUS[type(exc)].name if isinstance(exc, ServingError) else "INTERNAL")
-
-
-def _count_success(metrics, start: float) -> None:
-    metrics.success.inc()
-    metrics.request_seconds.observe(time.perf_counter() - start)

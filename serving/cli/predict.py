@@ -1,10 +1,10 @@
 """Send points to a running server over gRPC and print each one's probability and label.
 
 Example:
-  xorserve predict --url 127.0.0.1:8001 0,0 0,1 1,0 1,1
+  xorserve predict --url 127.0.0.1:8001 0,0 0,1 1,0 1,1 -0.5,1
 
-Exit codes: 0 answered; 1 the server refused or could not be reached (one line on stderr);
-2 a point could not be parsed.
+Exit status: 0 answered; 2 a point could not be parsed, or the server refused the request as invalid;
+3 the server or the model could not be reached (one line on stderr).
 """
 
 from __future__ import annotations
@@ -15,18 +15,34 @@ import sys
 
 import numpy as np
 
-from serving.cli import env_default
+from serving.cli.flags import USAGE, Parser, model, model_version, timeout_s, url
+
+# A point such as -0.5,1 starts with "-": argparse takes it for an unknown option, and run() takes it back.
+POINT = re.compile(r"^-?[0-9.]")
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    # A point such as -0.5,1 is an argument, not an unknown option: argparse only recognises plain
-    # negative numbers by itself.
-    parser._negative_number_matcher = re.compile(r"^-\.?\d")
-    parser.add_argument("points", nargs="+", metavar="X1,X2", help="points to classify, e.g. 0,1")
-    parser.add_argument("--url", default=env_default("url", "127.0.0.1:8001"), help="server HOST:PORT (XORSERVE_URL)")
-    parser.add_argument("--model", default=env_default("model", "xor"), help="model name (XORSERVE_MODEL)")
-    parser.add_argument("--model-version", default=env_default("model_version", ""), help="version; empty = latest")
-    parser.add_argument("--timeout-s", type=float, default=env_default("timeout_s", 10.0), help="per-call deadline")
+def add_arguments(parser: Parser) -> None:
+    parser.add_argument("points", nargs="*", metavar="X1,X2", help="points to classify, e.g. 0,1 or -0.5,1")
+    url(parser)
+    model(parser)
+    model_version(parser)
+    timeout_s(parser, default=10.0)
+
+
+def parse_args(parser: Parser, argv: list[str]) -> argparse.Namespace:
+    """argparse, with the points that start with "-" taken back from its unknown options, in argv's order."""
+    args, unknown = parser.parse_known_args(argv)
+    others = [word for word in unknown if not POINT.match(word)]
+    if others:
+        parser.error(f"unrecognized arguments: {' '.join(others)}")
+    known, taken_back, ordered = list(args.points), list(unknown), []
+    for word in argv:
+        if known and word == known[0]:
+            ordered.append(known.pop(0))
+        elif taken_back and word == taken_back[0]:
+            ordered.append(taken_back.pop(0))
+    args.points = ordered + known + taken_back
+    return args
 
 
 def parse_points(texts: list[str]) -> np.ndarray:
@@ -59,15 +75,17 @@ def run(args: argparse.Namespace) -> int:
     from serving.client import InferenceClient, InferenceError
 
     try:
+        if not args.points:
+            raise ValueError("give at least one point, e.g. 0,1")
         points = parse_points(args.points)
     except ValueError as exc:
-        print(f"xorserve predict: {exc}", file=sys.stderr)
-        return 2
+        print(f"xorserve predict: error: {exc}", file=sys.stderr)
+        return USAGE
     try:
         with InferenceClient(args.url, args.model, args.model_version, timeout_s=args.timeout_s) as client:
             prediction = client.predict(points)
     except InferenceError as exc:
-        print(f"xorserve predict: {args.url}: {exc}", file=sys.stderr)
-        return 1
+        print(f"xorserve predict: error: {args.url}: {exc}", file=sys.stderr)
+        return exc.exit_code
     print(format_table(points, prediction.probability, prediction.label))
     return 0

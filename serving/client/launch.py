@@ -11,8 +11,6 @@ started it dies without stopping it (Linux's parent-death signal), so no server 
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
 import os
 import re
 import signal
@@ -23,16 +21,10 @@ from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 
-_READY = re.compile(r"^READY grpc=(?P<grpc>\S+) metrics=(?P<metrics>\S+) startup_s=(?P<startup>[0-9.]+)")
+from serving.lifetime import die_with_parent
+
+_READY = re.compile(r"^READY grpc=(?P<grpc>\S+) metrics=(?P<metrics>\S+) startup_s=(?P<startup>[0-9.]+|unknown)")
 _NOT_READY = re.compile(r"^NOT_READY ")
-_PR_SET_PDEATHSIG = 1
-
-
-def _die_with_parent() -> None:
-    """In the child before exec: SIGTERM it when the process that started it dies, however it dies."""
-    # Not Linux: no prctl, and the parent's own clean-up still stops the server.
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 class ServerStartError(RuntimeError):
@@ -69,7 +61,7 @@ class ServerProcess:
             text=True,
             env=env,
             start_new_session=True,
-            preexec_fn=_die_with_parent,
+            preexec_fn=die_with_parent,  # in the child before exec: SIGTERM when this process dies
         )
         output: deque = deque(maxlen=200)
         ready: dict[str, str] = {}
@@ -99,7 +91,8 @@ class ServerProcess:
             process.wait()
             tail = "\n".join(list(output)[-20:])
             raise ServerStartError(f"xorserve serve did not become ready:\n{tail}")
-        return cls(process, ready["grpc"], ready["metrics"], float(ready["startup"]), output)
+        startup = float(ready["startup"]) if ready["startup"] != "unknown" else float("nan")
+        return cls(process, ready["grpc"], ready["metrics"], startup, output)
 
     def stop(self, timeout_s: float = 40.0) -> int:
         """SIGTERM, wait for the drain; SIGKILL if it outlives `timeout_s`. Returns the exit code."""

@@ -1,4 +1,5 @@
-"""Score a CSV or Parquet file through a server (--url) or in-process (--model), streaming, every row accounted for.
+"""Score a CSV or Parquet file through a server (--url) or in-process (--model-dir), streaming, every row
+accounted for.
 
 Writes the input's columns plus `probability` (float32) and `label` (probability >= 0.5), in input
 order, as CSV or Parquet by OUTPUT's name. The output appears under its name only when the run
@@ -11,10 +12,11 @@ rows_read = rows_scored + rows_rejected.
 
 exit status:
   0  every row scored
-  2  some rows rejected (see the errors file); the others are scored and written
-  1  failure (bad arguments, an OUTPUT or errors file that cannot be written, unreadable input, missing
-     columns, unreachable server, model or server error): one line on stderr; nothing written (an
-     existing OUTPUT or errors file is left as it was)
+  1  some rows rejected (see the errors file); the others are scored and written
+  2  bad arguments or input (unreadable input, missing columns, an OUTPUT or errors file that cannot
+     be written, a model folder that does not load, a request the server refuses as invalid): one line
+     on stderr; nothing written (an existing OUTPUT or errors file is left as it was)
+  3  the server or its model could not be reached: one line on stderr; nothing written
   130 interrupted (Ctrl-C): nothing written
 """
 
@@ -23,115 +25,105 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import shlex
 import sys
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from serving.cli import env_default
+from serving.cli.flags import (
+    CHECK_FAILED,
+    INTERRUPTED,
+    OK,
+    USAGE,
+    Parser,
+    device,
+    flag,
+    model,
+    model_version,
+    number,
+    timeout_s,
+    url,
+)
 
 if TYPE_CHECKING:
     from serving.scoring.pipeline import Summary
 
 log = logging.getLogger(__name__)
 
-DEVICES = ("auto", "cuda", "cpu")  # as serving.runtime; not imported here so that --url never loads onnxruntime
-
 
 class UsageError(ValueError):
     """Arguments that cannot work together, or an input that does not have what they ask for."""
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    # argparse exits 2 on a usage error, which for this command means "some rows rejected".
-    def usage_error(message: str):
-        parser.print_usage(sys.stderr)
-        parser.exit(1, f"{parser.prog}: error: {message}\n")
-
-    parser.error = usage_error
+def add_arguments(parser: Parser) -> None:
     parser.add_argument("input", metavar="INPUT", help="CSV with a header line (also .csv.gz ...) or Parquet file")
     parser.add_argument("output", metavar="OUTPUT", help="file to write: .csv (or .csv.gz ...) or .parquet/.pq")
-    # One choice, made on the command line or else by the environment: a XORSERVE_URL exported for
-    # other commands must not collide with a --model given here (or the other way round). The folder's
-    # variable is score's own: XORSERVE_MODEL is a model NAME for predict, loadtest and the locustfile.
-    backend = parser.add_mutually_exclusive_group()
-    backend.add_argument(
-        "--url", help="score through the server at HOST:PORT (env XORSERVE_URL, if neither flag is given)"
-    )
-    backend.add_argument(
-        "--model",
-        help="score in-process with the model in this folder (model.onnx), e.g. models/xor/1 "
-        "(env XORSERVE_SCORE_MODEL, if neither flag is given)",
-    )
-    parser.add_argument(
-        "--model-name",
-        default=env_default("model_name", "xor"),
-        help="with --url: the served model's name (default %(default)s; env XORSERVE_MODEL_NAME)",
-    )
-    parser.add_argument(
-        "--model-version",
-        default=env_default("model_version", ""),
-        help="with --url: the model version; empty = the server's choice (env XORSERVE_MODEL_VERSION)",
-    )
-    parser.add_argument(
+    url(parser, help="score through the server at HOST:PORT", default=None)
+    flag(parser, "--model-dir", help="score in-process with the model in this folder (model.onnx), e.g. models/xor/1")
+    model(parser, help="with --url: the served model's name")
+    model_version(parser, help="with --url: the model version; empty: the server's latest")
+    flag(
+        parser,
         "--features",
-        default=env_default("features", "x1,x2"),
-        help="comma-separated feature columns, in the model's input order (default %(default)s; env XORSERVE_FEATURES)",
+        default="x1,x2",
+        help="comma-separated feature columns, in the model's input order",
     )
-    parser.add_argument(
+    flag(
+        parser,
         "--chunk-rows",
-        type=int,
-        default=env_default("chunk_rows", 65536),
-        help="rows per chunk, and per request with --url (default %(default)s; env XORSERVE_CHUNK_ROWS)",
+        type=number(int, minimum=1),
+        default=65536,
+        help="rows per chunk, and per request with --url",
     )
-    parser.add_argument(
+    flag(
+        parser,
         "--concurrency",
-        type=int,
-        default=env_default("concurrency", 4),
-        help="chunks scored at once: requests in flight with --url (default %(default)s; env XORSERVE_CONCURRENCY)",
+        type=number(int, minimum=1),
+        default=4,
+        help="chunks scored at once: requests in flight with --url",
     )
-    parser.add_argument(
+    flag(
+        parser,
         "--errors",
-        default=env_default("score_errors", None),
-        help="CSV file for rejected rows (default: OUTPUT's name with .errors.csv; env XORSERVE_SCORE_ERRORS)",
+        env="SCORE_ERRORS",
+        help="CSV file for rejected rows (default: OUTPUT's name with .errors.csv)",
     )
-    parser.add_argument(
-        "--format",
-        choices=("csv", "parquet"),
-        default=env_default("format", None),
-        help="INPUT's format when its name does not say (env XORSERVE_FORMAT)",
-    )
-    parser.add_argument(
-        "--output-format",
-        choices=("csv", "parquet"),
-        default=env_default("output_format", None),
-        help="OUTPUT's format when its name does not say (env XORSERVE_OUTPUT_FORMAT)",
-    )
-    parser.add_argument(
-        "--device",
-        choices=DEVICES,
-        default=env_default("device", "auto"),
-        help="with --model: ONNX Runtime device, as for `serve` (default %(default)s; env XORSERVE_DEVICE)",
-    )
-    parser.add_argument(
-        "--timeout-s",
-        type=float,
-        default=env_default("timeout_s", 30.0),
-        help="with --url: deadline of each request in seconds (default %(default)s; env XORSERVE_TIMEOUT_S)",
-    )
-    parser.add_argument(
+    flag(parser, "--format", choices=("csv", "parquet"), help="INPUT's format when its name does not say")
+    flag(parser, "--output-format", choices=("csv", "parquet"), help="OUTPUT's format when its name does not say")
+    device(parser, help="with --model-dir: ONNX Runtime device, as for `serve`")
+    timeout_s(parser, default=30.0, help="with --url: deadline of each request, in seconds")
+    flag(
+        parser,
         "--retries",
-        type=int,
-        default=env_default("retries", 5),
+        type=number(int, minimum=0),
+        default=5,
         help="with --url: retries of a request refused with UNAVAILABLE (server starting, draining or busy), "
-        "with growing waits between them (default %(default)s; env XORSERVE_RETRIES)",
+        "with growing waits between them",
     )
-    parser.add_argument(
+    flag(
+        parser,
         "--quiet",
         action="store_true",
-        default=env_default("quiet", False),
-        help="no progress bar (there is none either when stderr is not a terminal; env XORSERVE_QUIET)",
+        help="no progress bar (there is none either when stderr is not a terminal)",
     )
+
+
+def parse_args(parser: Parser, argv: list[str]) -> argparse.Namespace:
+    """One back-end: the flag given on the command line wins over the other's environment variable."""
+    args = parser.parse_args(argv)
+    given = {name for name in ("--url", "--model-dir") if any(w == name or w.startswith(name + "=") for w in argv)}
+    if given == {"--url", "--model-dir"}:
+        parser.error("give --url or --model-dir, not both")
+    if given == {"--url"}:
+        args.model_dir = None
+    elif given == {"--model-dir"}:
+        args.url = None
+    elif args.url and args.model_dir:
+        parser.error("XORSERVE_URL and XORSERVE_MODEL_DIR are both set; choose with --url or --model-dir")
+    elif not (args.url or args.model_dir):
+        parser.error("give --url HOST:PORT (score through a server) or --model-dir DIR (score in-process)")
+    return args
 
 
 def default_errors_path(output: Path) -> Path:
@@ -153,27 +145,6 @@ def _feature_names(text: str) -> list[str]:
     if len(set(names)) != len(names):
         raise UsageError(f"--features names a column twice: {text}")
     return names
-
-
-def _backend(args: argparse.Namespace) -> tuple[str | None, str | None]:
-    """(url, model): the flag given, else the environment's; exactly one of them set."""
-    if args.url or args.model:
-        return args.url, args.model
-    url, model = env_default("url", None), env_default("score_model", None)
-    if url and model:
-        raise UsageError("XORSERVE_URL and XORSERVE_SCORE_MODEL are both set; choose with --url or --model")
-    if not (url or model):
-        raise UsageError("give --url HOST:PORT (score through a server) or --model DIR (score in-process)")
-    return url, model
-
-
-def _check_args(args: argparse.Namespace) -> None:
-    if args.chunk_rows < 1:
-        raise UsageError(f"--chunk-rows must be at least 1, not {args.chunk_rows}")
-    if args.concurrency < 1:
-        raise UsageError(f"--concurrency must be at least 1, not {args.concurrency}")
-    if args.retries < 0:
-        raise UsageError(f"--retries must be at least 0, not {args.retries}")
 
 
 def _check_target(path: Path, what: str) -> None:
@@ -212,15 +183,9 @@ def _output_schema(schema, names: list[str], typed_features: bool):
 def _open_scorer(args: argparse.Namespace, n_features: int):
     from serving.scoring.backends import InProcessScorer, RemoteScorer
 
-    url, model = _backend(args)
-    if model:
-        return InProcessScorer(model, n_features, device=args.device)
-    from serving.client import InferenceError
-
-    try:
-        return RemoteScorer(url, n_features, args.model_name, args.model_version, args.timeout_s, args.retries)
-    except InferenceError as exc:
-        raise UsageError(f"cannot use the server at {url}: {_one_line(exc)}") from exc
+    if args.model_dir:
+        return InProcessScorer(args.model_dir, n_features, device=args.device)
+    return RemoteScorer(args.url, n_features, args.model, args.model_version, args.timeout_s, args.retries)
 
 
 def _one_line(exc: BaseException) -> str:
@@ -251,8 +216,6 @@ def score(args: argparse.Namespace) -> Summary:
     from serving.scoring.readers import detect_format, open_source
     from serving.scoring.writers import Outputs
 
-    _check_args(args)
-    _backend(args)  # before any file is touched
     names = _feature_names(args.features)
     output, errors = _paths(args)
     if output.resolve() == Path(args.input).resolve():
@@ -297,20 +260,26 @@ def score(args: argparse.Namespace) -> Summary:
 
 
 def run(args: argparse.Namespace) -> int:
+    from serving.client import InferenceError
+
     try:
         summary = score(args)
     except KeyboardInterrupt:
         print("xorserve score: interrupted; no output written", file=sys.stderr)
-        return 130
+        return INTERRUPTED
+    except InferenceError as exc:
+        print(f"xorserve score: error: the server at {args.url}: {_one_line(exc)}", file=sys.stderr)
+        return exc.exit_code
     except Exception as exc:
         log.debug("event=score_failed", exc_info=True)
         print(f"xorserve score: error: {_one_line(exc)}", file=sys.stderr)
-        return 1
+        return USAGE
     output, errors = _paths(args)
     rate = summary.rows_read / summary.seconds if summary.seconds > 0 else 0.0
     print(
         f"rows_read={summary.rows_read} rows_scored={summary.rows_scored} rows_rejected={summary.rows_rejected} "
-        f"output={output} errors={errors} seconds={summary.seconds:.3f} rows_per_s={rate:.0f}",
+        f"output={shlex.quote(str(output))} errors={shlex.quote(str(errors))} seconds={summary.seconds:.3f} "
+        f"rows_per_s={rate:.0f}",
         flush=True,
     )
-    return 2 if summary.rows_rejected else 0
+    return CHECK_FAILED if summary.rows_rejected else OK

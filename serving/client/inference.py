@@ -22,10 +22,22 @@ import numpy as np
 
 from serving._proto import grpc_service_pb2 as pb
 from serving._proto import grpc_service_pb2_grpc as pb_grpc
-from serving.converters import CONTENTS_FIELDS, NUMPY_DTYPES
+from serving.protocol import CONTENTS_FIELDS, NUMPY_DTYPES
 
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 _MAX_WAIT_S = 2.0
+
+
+# Status codes that refuse the request itself; any other failure means that the server or the model could
+# not be reached or could not answer.
+_REFUSED_AS_INVALID = frozenset(
+    {
+        grpc.StatusCode.INVALID_ARGUMENT,
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        grpc.StatusCode.FAILED_PRECONDITION,
+        grpc.StatusCode.OUT_OF_RANGE,
+    }
+)
 
 
 class InferenceError(Exception):
@@ -35,6 +47,11 @@ class InferenceError(Exception):
         super().__init__(f"{code.name}: {message}")
         self.code = code
         self.message = message
+
+    @property
+    def exit_code(self) -> int:
+        """The commands' exit status for it (README, "Exit codes"): 2 bad input, 3 server or model unreachable."""
+        return 2 if self.code in _REFUSED_AS_INVALID else 3
 
 
 @dataclass(frozen=True)

@@ -68,7 +68,10 @@ Handler = Callable[[object, Request, grpc.aio.ServicerContext], Awaitable[Respon
 
 
 def rpc_errors(handler: Handler) -> Handler:
-    """Decorates a unary RPC method: ServingErrors become their status, anything else INTERNAL."""
+    """Decorates a unary RPC method: ServingErrors become their status, anything else INTERNAL.
+
+    The method returns an awaitable of its response (a coroutine function, or a plain function that returns
+    one: the request path saves a coroutine that way); errors raised while calling it count the same."""
     rpc = handler.__name__
 
     @functools.wraps(handler)

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from serving.converters import ONNX_DATATYPES, TensorSpec
+from serving.protocol import ONNX_DATATYPES, TensorSpec
 from serving.runtime import SessionSettings, open_session, primary_provider
 
 log = logging.getLogger(__name__)

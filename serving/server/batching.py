@@ -28,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import queue
+import sys
 import threading
 import time
 from collections import deque
@@ -35,10 +36,9 @@ from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
-import onnxruntime as ort
 
-from serving.errors import DeadlineExceededError, UnavailableError
-from serving.metrics import ModelMetrics
+from serving.server.errors import DeadlineExceededError, UnavailableError
+from serving.server.metrics import ModelMetrics
 
 log = logging.getLogger(__name__)
 
@@ -73,34 +73,57 @@ class _Request:
         self.future: asyncio.Future = future
 
 
+# asyncio keeps the callbacks ready to run in `loop._ready`, a private deque. Coalescing reads its length
+# only on the Python versions it was tested with (a pin that stops at the next minor); elsewhere, or if the
+# attribute is not a deque, it falls back to public behaviour (see Coalescer). tests/test_batching.py fails
+# the day the attribute changes on a tested version.
+READY_QUEUE_PYTHONS = ((3, 11),)
+
+
+def ready_queue(loop: asyncio.AbstractEventLoop) -> deque | None:
+    """The loop's queue of ready callbacks where it may be read (see READY_QUEUE_PYTHONS), else None."""
+    if sys.version_info[:2] not in READY_QUEUE_PYTHONS:
+        return None
+    ready = getattr(loop, "_ready", None)
+    return ready if type(ready) is deque else None
+
+
 class Coalescer:
     """Holds the coalescing batchers of one event loop until the loop has nothing else ready to run.
 
     One scheduled callback serves every batcher, so that batchers of different models never take each
-    other's end-of-turn callbacks for work still to come."""
+    other's end-of-turn callbacks for work still to come. Whether more work is on its way is read from
+    the loop's ready queue (`ready_queue`). Without it, from the requests themselves: a request waits one
+    turn of the loop, and a batch that grew during a turn waits one more (measured in docs/benchmarks.md:
+    about 0.7x the throughput of the ready queue at 16 clients, and better than holding nothing).
+    """
 
     def __init__(self) -> None:
         self._waiting: list[Batcher] = []
         self._handle: asyncio.Handle | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._ready = (True,)
+        self._ready: deque | None = None
+        # Since the last end of a turn: requests held, and batchers that began to hold (the fallback's measure
+        # of arrivals: more requests than batchers that began means some joined a batch already held).
+        self._held = 0
+        self._started = 0
 
     def bind(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
-        # asyncio's selector loops keep their ready callbacks in `_ready` (a deque); without one, assume a
-        # busy loop (held requests then run when their batch is full or COALESCE_MAX_S old).
-        self._ready = getattr(loop, "_ready", (True,))
+        self._ready = ready_queue(loop)
 
     def hold(self, batcher: Batcher) -> None:
         """Called by `batcher` with a request held: its batch runs once the loop is idle (or full, or old)."""
+        self._held += 1
         if batcher not in self._waiting:
             self._waiting.append(batcher)
+            self._started += 1
         if self._handle is None:
             self._handle = self._loop.call_soon(self._end_turn)
 
     def busy(self) -> bool:
-        """True when the loop has other callbacks ready: another request may be on its way."""
-        return bool(self._ready)
+        """True when another request may be on its way this turn (without the ready queue: always)."""
+        return self._ready is None or bool(self._ready)
 
     def cancel(self, batcher: Batcher) -> None:
         if batcher in self._waiting:
@@ -108,23 +131,25 @@ class Coalescer:
 
     def _end_turn(self) -> None:
         self._handle = None
-        busy = bool(self._ready)
+        # More to come: callbacks ready for the next turn, or (fallback) requests that joined in this one.
+        busy = bool(self._ready) if self._ready is not None else self._held > self._started
+        self._held = self._started = 0
         now = self._loop.time()
         waiting, self._waiting = self._waiting, []
         for batcher in waiting:
-            if busy and batcher._may_hold(now):
+            if busy and batcher.keep_holding(now):
                 self._waiting.append(batcher)
             else:
-                batcher._dispatch()
+                batcher.release()
         if self._waiting:
             self._handle = self._loop.call_soon(self._end_turn)
 
 
 class Batcher:
-    """Batches requests for `sessions` (one per instance); `submit` returns a future of the outputs.
+    """Batches requests for `sessions` (one per instance); `await run(...)` gives a request's outputs.
 
     Each session must provide ONNX Runtime's `run(output_names, feeds) -> list[np.ndarray]`.
-    Use from one event loop: `start()`, `submit()`, then `drain()` and `close()`.
+    Use from one event loop: `start()`, `run()`, then `drain()` and `close()`.
 
     `inline_rows > 0` runs batches of up to that many rows on the event loop itself, with the first
     session: for a model so small that such a batch runs faster than a hand-over to a thread and back
@@ -148,13 +173,6 @@ class Batcher:
         self.name = name
         self._inline_rows = inline_rows
         self._sessions = list(sessions)
-        # ONNX Runtime's Python `run` re-checks the feeds' names on every call; the batcher always
-        # feeds exactly the model's inputs, so the inline path calls the C++ session directly.
-        first = self._sessions[0] if self._sessions else None
-        if isinstance(first, ort.InferenceSession):
-            self._run_first = first._sess.run
-        else:
-            self._run_first = lambda names, feeds, _options: first.run(names, feeds)
         self._input_names = tuple(input_names)
         self._output_names = list(output_names)
         self._policy = policy
@@ -177,10 +195,6 @@ class Batcher:
         self._coalesce = policy.enabled and not self._delay and inline_rows > 0
         self._coalescer = coalescer or Coalescer()
 
-    @property
-    def queued(self) -> int:
-        return len(self._pending)
-
     def start(self) -> None:
         self._loop = asyncio.get_running_loop()
         self._coalescer.bind(self._loop)
@@ -197,40 +211,46 @@ class Batcher:
         if self._metrics is not None:
             self._metrics.track_queue_depth(lambda: len(self._pending))
 
-    def run_now(self, inputs: dict[str, np.ndarray], rows: int) -> list[np.ndarray] | None:
-        """Runs one request at once on the event loop and returns its outputs, when that is what
-        `submit` would do anyway: inline execution, no queue delay, nothing queued ahead of it and, when
-        coalescing per turn, nothing else ready to run in this turn of the loop (another request may
-        come). Otherwise returns None (the caller submits). Saves the future and queue entry of `submit`.
-        Raises what the session raises."""
-        if (
+    async def run(self, inputs: dict[str, np.ndarray], rows: int, deadline: float | None = None) -> list[np.ndarray]:
+        """The outputs (in output order) of one request of `rows` rows, run alone or batched with others.
+
+        `deadline` is on the event loop's clock (`loop.time()`). Runs at once on the event loop when that is
+        what queueing would do anyway (inline execution, no queue delay, nothing queued ahead, and nothing
+        else about to arrive this turn of the loop); otherwise queues the request and waits for its batch.
+        Raises UnavailableError when the queue is full or the batcher is closing, DeadlineExceededError
+        when the deadline passes while queued, and what the session raises."""
+        if not (
             rows > self._inline_rows
             or self._pending
             or self._delay
             or self._closing
             or (self._coalesce and rows < self._max_inline_rows and self._coalescer.busy())
         ):
-            return None
+            return self._run_now(inputs, rows)
+        return await self._submit(inputs, rows, deadline)
+
+    def answers_soon(self, rows: int) -> bool:
+        """True when a request of `rows` rows run now is answered within this turn of the loop or the next
+        few (inline, no queue delay, no request for the instance threads queued ahead of it): a stream
+        awaits such a request in line, which costs less than a task."""
+        return rows <= self._inline_rows and not self._delay and not self._pending_large
+
+    def _run_now(self, inputs: dict[str, np.ndarray], rows: int) -> list[np.ndarray]:
+        """Runs one request on the event loop, without the future and queue entry of `_submit`."""
         metrics = self._metrics
-        if metrics is not None:
-            metrics.queue_seconds.observe(0.0)
         start = time.perf_counter()
         try:
-            outputs = self._run_first(self._output_names, inputs, None)
+            outputs = self._sessions[0].run(self._output_names, inputs)
         except Exception:
             if metrics is not None:
-                metrics.batch(1, rows, 0.0)  # as `_complete` records a failed batch
+                metrics.ran_alone(rows, 0.0)  # as `_complete` records a failed batch
             raise
         if metrics is not None:
-            metrics.batch(1, rows, time.perf_counter() - start)
+            metrics.ran_alone(rows, time.perf_counter() - start)
         return outputs
 
-    def submit(self, inputs: dict[str, np.ndarray], rows: int, deadline: float | None = None) -> asyncio.Future:
-        """Queues one request of `rows` rows; the future resolves to the outputs (in output order).
-
-        `deadline` is on the event loop's clock (`loop.time()`). Raises UnavailableError when the
-        queue is full or the batcher is closing.
-        """
+    def _submit(self, inputs: dict[str, np.ndarray], rows: int, deadline: float | None) -> asyncio.Future:
+        """Queues one request; the future resolves to its outputs (see `run`)."""
         if self._closing:
             raise UnavailableError(f"model '{self.name}' is shutting down and takes no new requests")
         if len(self._pending) >= self._policy.max_queue_size:
@@ -250,14 +270,8 @@ class Batcher:
             self._dispatch()
         return future
 
-    def answers_soon(self, rows: int) -> bool:
-        """True when a request of `rows` rows submitted now is held for coalescing and runs within
-        COALESCE_MAX_S (no request for the instance threads is queued ahead of it): awaiting it in line
-        costs less than a task."""
-        return self._coalesce and rows <= self._inline_rows and not self._pending_large
-
-    def _may_hold(self, now: float) -> bool:
-        """Whether the held requests may wait for company: room left and the oldest young enough."""
+    def keep_holding(self, now: float) -> bool:
+        """For the Coalescer: whether the held requests may wait for company (room left, the oldest young enough)."""
         pending = self._pending
         return (
             bool(pending)
@@ -265,6 +279,10 @@ class Batcher:
             and self._pending_rows < self._max_inline_rows
             and now - pending[0].enqueued < COALESCE_MAX_S
         )
+
+    def release(self) -> None:
+        """For the Coalescer: run what is held."""
+        self._dispatch()
 
     def _dispatch(self) -> None:
         """Runs or hands out batches while the next batch may close and something can run it."""
@@ -296,7 +314,7 @@ class Batcher:
         try:
             feeds = self._feeds(batch)
             start = time.perf_counter()
-            outputs = self._run_first(self._output_names, feeds, None)
+            outputs = self._sessions[0].run(self._output_names, feeds)
             elapsed = time.perf_counter() - start
         except Exception as exc:  # reported to each caller
             error = exc

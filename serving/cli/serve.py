@@ -1,0 +1,132 @@
+"""Serve a model repository over the Open Inference Protocol (KServe V2 gRPC) from ONNX Runtime.
+
+Every `<model>/<version>/model.onnx` under --model-repository is loaded, warmed up and served with
+dynamic batching, beside grpc.health.v1, server reflection and Prometheus metrics (GET /metrics on
+--metrics-port). Once every model is ready it prints one line to stdout:
+
+    READY grpc=HOST:PORT metrics=HOST:PORT startup_s=SECONDS
+
+(NOT_READY ... failed=MODELS when a model failed to load: the server stays up, live and not ready).
+SIGTERM or SIGINT drains: health turns NOT_SERVING, new requests get UNAVAILABLE, queued and running
+ones finish within --grace-s, and the process exits 0. Exit 2: the server cannot start (a bad flag, a
+port in use, --device cuda without CUDA); 1: a worker of --workers died while serving.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from serving.cli.flags import USAGE, Parser, device, flag, model_repository, number
+from serving.devices import DeviceUnavailableError
+
+log = logging.getLogger(__name__)
+
+MiB = 1024 * 1024
+port = number(int, minimum=0, maximum=65535)
+positive = number(int, minimum=1)
+
+
+def add_arguments(parser: Parser) -> None:
+    model_repository(parser, required=True, help="folder of <model>/<version>/model.onnx")
+    flag(parser, "--host", default="127.0.0.1", help="address to listen on")
+    flag(parser, "--port", type=port, default=8001, help="gRPC port; 0 picks a free one")
+    flag(parser, "--metrics-port", type=port, default=8002, help="Prometheus metrics HTTP port; 0 picks a free one")
+    device(parser, help="auto: CUDA if available, else CPU with a warning; cuda: fail without CUDA")
+    flag(parser, "--tf32", action="store_true", help="allow TF32 on CUDA")
+    flag(parser, "--max-batch-size", type=positive, default=64, help="largest batch in rows; larger requests run alone")
+    flag(
+        parser,
+        "--max-queue-delay-us",
+        type=number(int, minimum=0),
+        default=0,
+        help="longest a batch waits to fill, in microseconds; 0: run queued requests as soon as the event loop "
+        "has nothing else to do (a model run on the loop holds a request at most 2 ms while it is busy) or an "
+        "instance is free",
+    )
+    flag(
+        parser,
+        "--instances",
+        type=positive,
+        default=1,
+        help="ONNX Runtime sessions per model version, running batches concurrently",
+    )
+    flag(
+        parser,
+        "--max-queue-size",
+        type=positive,
+        default=1024,
+        help="requests a model may have waiting; beyond it requests get UNAVAILABLE",
+    )
+    flag(parser, "--no-batching", action="store_true", help="run each request on its own")
+    flag(
+        parser,
+        "--grace-s",
+        type=number(float, minimum=0),
+        default=30.0,
+        help="on SIGTERM/SIGINT, seconds to finish queued and running requests",
+    )
+    flag(
+        parser,
+        "--max-message-bytes",
+        type=number(int, minimum=1024),
+        default=64 * MiB,
+        help="largest gRPC message received or sent; larger ones get RESOURCE_EXHAUSTED",
+    )
+    flag(
+        parser,
+        "--inline-max-us",
+        type=number(int, minimum=0),
+        default=None,
+        help="run a model's batches on the event loop instead of instance threads up to the largest size "
+        "(--max-batch-size, halved until it fits) that runs within this many microseconds, measured at load; "
+        "larger batches run in threads; 0: always threads. Default: 50 where the server may use several cores "
+        "(a hand-over to a thread costs 40-75 us of CPU), 500 where it has one core",
+    )
+    flag(
+        parser,
+        "--workers",
+        type=positive,
+        default=1,
+        help="server processes sharing the gRPC port (SO_REUSEPORT), each with its own sessions and batcher; "
+        "metrics are summed over them",
+    )
+
+
+def config_from_args(args: argparse.Namespace):
+    from serving.server.app import ServerConfig
+
+    return ServerConfig(
+        model_repository=Path(args.model_repository),
+        host=args.host,
+        port=args.port,
+        metrics_port=args.metrics_port,
+        device=args.device,
+        tf32=args.tf32,
+        max_batch_size=args.max_batch_size,
+        max_queue_delay_us=args.max_queue_delay_us,
+        instances=args.instances,
+        max_queue_size=args.max_queue_size,
+        batching=not args.no_batching,
+        grace_s=args.grace_s,
+        max_message_bytes=args.max_message_bytes,
+        inline_max_us=args.inline_max_us,
+        workers=args.workers,
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    from serving.server.app import run_server
+    from serving.server.workers import serve_workers
+
+    config = config_from_args(args)
+    if config.workers > 1:
+        return serve_workers(config, logging.getLogger().level)
+    try:
+        return run_server(config)
+    except (DeviceUnavailableError, OSError, ValueError) as exc:
+        log.error("event=startup_failed reason=%r", str(exc))
+        print(f"xorserve serve: cannot start: {exc}", file=sys.stderr)
+        return USAGE

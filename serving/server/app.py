@@ -1,0 +1,278 @@
+"""Serve a model repository over the Open Inference Protocol (KServe V2 gRPC) from ONNX Runtime.
+
+Every `<model>/<version>/model.onnx` under --model-repository is loaded (one ONNX Runtime session per
+instance), warmed up and served with dynamic batching, next to grpc.health.v1 (overall, and per model
+by its name), server reflection and Prometheus metrics on --metrics-port (GET /metrics). When every
+model is ready it prints one line to stdout:
+
+    READY grpc=HOST:PORT metrics=HOST:PORT startup_s=SECONDS
+
+(or NOT_READY ... failed=MODELS when a model failed to load; the log says why, and the server stays
+up, live and not ready). SIGTERM or SIGINT: health turns NOT_SERVING, new requests are refused with
+UNAVAILABLE, queued and running ones finish within --grace-s, and the process exits 0.
+
+`--workers N` (N > 1) runs N such servers as worker processes ("spawn") on one gRPC port
+(SO_REUSEPORT: the kernel spreads connections across them), each with its own sessions and batcher,
+health and reflection. The parent picks the port, serves /metrics summed over the workers
+(prometheus_client's multiprocess mode, in a temporary folder removed at exit), prints the READY line
+once every worker is ready, and forwards SIGTERM/SIGINT to all of them: each drains as above, and the
+parent exits 0 when all exited 0. A worker that fails to start stops the others (exit 1, no READY
+line). A worker that dies while serving is not restarted: the parent logs it, drains the others and
+exits 1, leaving restarts to whatever supervises the server (systemd, Kubernetes, compose).
+
+In-process use (tests): `running = await start_server(ServerConfig(model_repository=...))`, then
+`running.grpc_port`, `running.metrics_port`, `running.ready`, and `await running.stop(grace_s)`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1.health import aio as health_aio
+from grpc_reflection.v1alpha import reflection
+
+from serving._proto import grpc_service_pb2 as pb
+from serving.runtime import SessionSettings
+from serving.server.batching import BatchPolicy
+from serving.server.dataplane import DataPlane
+from serving.server.metrics import Metrics
+from serving.server.servicer import InferenceServicer, add_to_server
+
+log = logging.getLogger(__name__)
+
+SERVICE = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
+MiB = 1024 * 1024
+# After draining, keep refusing requests (UNAVAILABLE) until none came for QUIET_S, for at most
+# MAX_LINGER_S, before the gRPC server stops (see DataPlane.wait_quiet).
+QUIET_S = 0.5
+MAX_LINGER_S = 5.0
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """Everything `xorserve serve` can be told; the defaults are the flags' defaults."""
+
+    model_repository: Path
+    host: str = "127.0.0.1"
+    port: int = 0
+    metrics_port: int = 0
+    device: str = "auto"
+    tf32: bool = False
+    max_batch_size: int = 64
+    max_queue_delay_us: int = 0
+    instances: int = 1
+    max_queue_size: int = 1024
+    batching: bool = True
+    grace_s: float = 30.0
+    max_message_bytes: int = 64 * MiB
+    intra_op_threads: int = 1
+    inline_max_us: int | None = None  # None: default_inline_max_us()
+    workers: int = 1  # processes `xorserve serve` runs; start_server always serves in this one
+    # Set by the parent of several workers: this process is worker `worker`. It shares `port` with the
+    # others (SO_REUSEPORT) and records metrics in PROMETHEUS_MULTIPROC_DIR for the parent, which
+    # serves them on `metrics_port`.
+    worker: int | None = None
+
+
+class RunningServer:
+    """A started server: its ports, readiness and a graceful `stop`."""
+
+    def __init__(
+        self,
+        config: ServerConfig,
+        server: grpc.aio.Server,
+        plane: DataPlane,
+        health: health_aio.HealthServicer,
+        metrics: Metrics,
+        grpc_port: int,
+        metrics_port: int,
+    ) -> None:
+        self.config = config
+        self.host = config.host
+        self.grpc_port = grpc_port
+        self.metrics_port = metrics_port
+        self.plane = plane
+        self._server = server
+        self._health = health
+        self._metrics = metrics
+        self._stopped = False
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.grpc_port}"
+
+    @property
+    def metrics_address(self) -> str:
+        return f"{self.host}:{self.metrics_port}"
+
+    @property
+    def ready(self) -> bool:
+        return self.plane.ready
+
+    async def stop(self, grace_s: float | None = None, quiet_s: float = QUIET_S) -> None:
+        """Drains: new requests refused (UNAVAILABLE), health NOT_SERVING, queued work finished within
+        grace_s; then, once no request was refused for quiet_s, the gRPC server stops."""
+        if self._stopped:
+            return
+        self._stopped = True
+        grace = self.config.grace_s if grace_s is None else grace_s
+        deadline = time.monotonic() + grace
+        log.info("event=drain_begin grace_s=%s", grace)
+        drained = self.plane.drain()  # refuses new requests before health says so
+        await self._health.enter_graceful_shutdown()
+        try:
+            async with asyncio.timeout(grace):
+                await drained
+        except TimeoutError:
+            log.warning("event=drain_timeout grace_s=%s detail=unfinished requests are failed", grace)
+        await self.plane.wait_quiet(quiet_s, min(MAX_LINGER_S, max(deadline - time.monotonic(), 0.0)))
+        # gRPC's own grace lets handlers that already hold their results send them; it also ends
+        # long-lived health Watch streams, hence the cap.
+        await self._server.stop(min(max(deadline - time.monotonic(), 0.5), MAX_LINGER_S))
+        await self.plane.close()
+        self._metrics.close()
+        log.info("event=stopped")
+
+    async def wait_for_termination(self) -> None:
+        await self._server.wait_for_termination()
+
+
+def _server_version() -> str:
+    try:
+        return metadata.version("xorserve")
+    except metadata.PackageNotFoundError:
+        return "0+unknown"
+
+
+async def _publish_health(health: health_aio.HealthServicer, plane: DataPlane) -> None:
+    serving, not_serving = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
+    overall = serving if plane.ready else not_serving
+    await health.set("", overall)
+    await health.set(SERVICE, overall)
+    for model in plane.model_names():
+        await health.set(model, serving if plane.model_ready(model) else not_serving)
+
+
+async def start_server(config: ServerConfig) -> RunningServer:
+    """Starts the gRPC and metrics endpoints, loads and warms up every model, and returns.
+
+    The server answers ServerLive (and health, NOT_SERVING) while models load. Check `.ready`:
+    False when a model failed to load. Raises DeviceUnavailableError when --device cuda cannot be had.
+    """
+    is_worker = config.worker is not None
+    metrics = Metrics(config.max_batch_size, multiprocess=is_worker)
+    plane = DataPlane(
+        config.model_repository,
+        SessionSettings(device=config.device, tf32=config.tf32, intra_op_threads=config.intra_op_threads),
+        config.instances,
+        BatchPolicy(config.max_batch_size, config.max_queue_delay_us, config.max_queue_size, config.batching),
+        metrics,
+        _server_version(),
+        config.max_message_bytes,
+        default_inline_max_us() if config.inline_max_us is None else config.inline_max_us,
+    )
+    server = grpc.aio.server(
+        options=[
+            ("grpc.max_send_message_length", config.max_message_bytes),
+            ("grpc.max_receive_message_length", config.max_message_bytes),
+            # Only workers share their port: a lone server must fail if the port is taken.
+            ("grpc.so_reuseport", int(is_worker)),
+        ]
+    )
+    add_to_server(InferenceServicer(plane), server)
+    health = health_aio.HealthServicer()
+    await health.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
+    health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    reflection.enable_server_reflection(
+        (SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server
+    )
+    grpc_port = server.add_insecure_port(f"{config.host}:{config.port}")
+    if grpc_port == 0:
+        raise OSError(f"cannot listen on {config.host}:{config.port}")
+    metrics_port = config.metrics_port if is_worker else metrics.serve(config.host, config.metrics_port)
+    metrics.start()
+    await server.start()
+    running = RunningServer(config, server, plane, health, metrics, grpc_port, metrics_port)
+    log.info("event=listening grpc=%s metrics=%s", running.address, running.metrics_address)
+    try:
+        await plane.load()
+    except BaseException:
+        await running.stop(0)
+        raise
+    await _publish_health(health, plane)
+    if plane.ready:
+        log.info("event=ready models=%s providers=%s", ",".join(plane.model_names()), ",".join(plane.providers()))
+    else:
+        log.error("event=not_ready failed=%s", ",".join(sorted(plane.failures)))
+    return running
+
+
+def _process_age_s() -> float | None:
+    """Seconds since this process started (interpreter start-up included); None where that cannot be read.
+
+    The start comes from /proc/self/stat in clock ticks since boot, and now from the kernel's boot-time
+    clock, which containers do not virtualise (their /proc/uptime may be: lxcfs)."""
+    try:
+        with open("/proc/self/stat") as f:
+            start_ticks = int(f.read().rsplit(")", 1)[1].split()[19])
+        now = time.clock_gettime(time.CLOCK_BOOTTIME)
+    except (OSError, ValueError, IndexError, AttributeError):
+        return None
+    age = now - start_ticks / os.sysconf("SC_CLK_TCK")
+    return age if age >= 0 else None
+
+
+def default_inline_max_us() -> int:
+    """--inline-max-us when not given. With several cores a batch handed to an instance thread runs beside
+    the event loop, so only batches cheaper than the hand-over (40-75 us of CPU) run on the loop. With one
+    core to run on (`taskset`, a cpuset of one CPU; a CPU quota such as `docker --cpus 1` does not show
+    here) a thread runs nothing in parallel: the hand-over buys only responsiveness during a long run, so
+    batches of up to 0.5 ms run on the loop (docs/benchmarks.md)."""
+    affinity = getattr(os, "sched_getaffinity", None)  # Linux; elsewhere count the machine's CPUs
+    cores = len(affinity(0)) if affinity is not None else (os.cpu_count() or 1)
+    return 500 if cores == 1 else 50
+
+
+def startup_s() -> str:
+    """Seconds from this process's exec to now, for the READY line ("unknown" off Linux)."""
+    age = _process_age_s()
+    return f"{age:.3f}" if age is not None else "unknown"
+
+
+def readiness_line(running: RunningServer) -> str:
+    """`READY grpc=... metrics=... startup_s=...`, or `NOT_READY ... failed=MODELS` when a model failed to load."""
+    if running.ready:
+        return f"READY grpc={running.address} metrics={running.metrics_address} startup_s={startup_s()}"
+    failed = ",".join(sorted(running.plane.failures))
+    return f"NOT_READY grpc={running.address} metrics={running.metrics_address} failed={failed}"
+
+
+async def serve(config: ServerConfig, announce: Callable[[RunningServer], None]) -> int:
+    """Starts the server, tells `announce`, serves until SIGTERM or SIGINT, drains; the exit code."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    running = await start_server(config)
+    announce(running)
+    await stop.wait()
+    log.info("event=signal_received action=drain")
+    await running.stop(config.grace_s)
+    return 0
+
+
+def run_server(config: ServerConfig) -> int:
+    """`xorserve serve` in this process: prints the readiness line to stdout, serves, drains; the exit code.
+
+    Raises DeviceUnavailableError, OSError or ValueError when the server cannot start."""
+    return asyncio.run(serve(config, lambda running: print(readiness_line(running), flush=True)))
