@@ -421,7 +421,7 @@ def without_ready_queue(monkeypatch):
     monkeypatch.setattr("serving.server.batching.ready_queue", lambda loop: None)
 
 
-def test_without_the_ready_queue_requests_of_one_turn_still_run_as_one_batch(without_ready_queue):
+def test_without_the_ready_queue_nothing_is_held_and_each_request_gets_its_own_rows(without_ready_queue):
     async def scenario():
         session = RecordingSession()
         b = batcher(session, inline_rows=64, max_batch_size=64)
@@ -433,7 +433,7 @@ def test_without_the_ready_queue_requests_of_one_turn_still_run_as_one_batch(wit
         return session, inputs, results, lone
 
     session, inputs, results, lone = asyncio.run(scenario())
-    assert [len(batch) for batch in session.batches] == [10, 1]
+    assert [len(batch) for batch in session.batches] == [1, 4, 2, 3, 1]  # each ran at once, as it came
     for x, (output,) in zip(inputs, results, strict=True):
         np.testing.assert_array_equal(output, x["input"] * 2 + 1)
     np.testing.assert_array_equal(lone[0], request(1, 7)["input"] * 2 + 1)

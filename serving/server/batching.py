@@ -75,8 +75,8 @@ class _Request:
 
 # asyncio keeps the callbacks ready to run in `loop._ready`, a private deque. Coalescing reads its length
 # only on the Python versions it was tested with (a pin that stops at the next minor); elsewhere, or if the
-# attribute is not a deque, it falls back to public behaviour (see Coalescer). tests/test_batching.py fails
-# the day the attribute changes on a tested version.
+# attribute is not a deque, it falls back to public behaviour: nothing is held (see Coalescer).
+# tests/test_batching.py fails the day the attribute changes on a tested version.
 READY_QUEUE_PYTHONS = ((3, 11),)
 
 
@@ -93,37 +93,32 @@ class Coalescer:
 
     One scheduled callback serves every batcher, so that batchers of different models never take each
     other's end-of-turn callbacks for work still to come. Whether more work is on its way is read from
-    the loop's ready queue (`ready_queue`). Without it, from the requests themselves: a request waits one
-    turn of the loop, and a batch that grew during a turn waits one more (measured in docs/benchmarks.md:
-    about 0.7x the throughput of the ready queue at 16 clients, and better than holding nothing).
+    the loop's ready queue (`ready_queue`). Without it, nothing is held: a request runs at once unless
+    others are queued ahead of it (bench/coalesce_fallback.py measured this public fallback at 0.8-0.9x the
+    ready queue's throughput, a little better than guessing from the arrivals of each turn).
     """
 
     def __init__(self) -> None:
         self._waiting: list[Batcher] = []
         self._handle: asyncio.Handle | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._ready: deque | None = None
-        # Since the last end of a turn: requests held, and batchers that began to hold (the fallback's measure
-        # of arrivals: more requests than batchers that began means some joined a batch already held).
-        self._held = 0
-        self._started = 0
+        self._ready: deque | tuple = ()  # empty, so never busy, where the ready queue is not read
 
     def bind(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
-        self._ready = ready_queue(loop)
+        ready = ready_queue(loop)
+        self._ready = () if ready is None else ready
 
     def hold(self, batcher: Batcher) -> None:
         """Called by `batcher` with a request held: its batch runs once the loop is idle (or full, or old)."""
-        self._held += 1
         if batcher not in self._waiting:
             self._waiting.append(batcher)
-            self._started += 1
         if self._handle is None:
             self._handle = self._loop.call_soon(self._end_turn)
 
     def busy(self) -> bool:
-        """True when another request may be on its way this turn (without the ready queue: always)."""
-        return self._ready is None or bool(self._ready)
+        """True when the loop has other callbacks ready: another request may be on its way."""
+        return bool(self._ready)
 
     def cancel(self, batcher: Batcher) -> None:
         if batcher in self._waiting:
@@ -131,9 +126,7 @@ class Coalescer:
 
     def _end_turn(self) -> None:
         self._handle = None
-        # More to come: callbacks ready for the next turn, or (fallback) requests that joined in this one.
-        busy = bool(self._ready) if self._ready is not None else self._held > self._started
-        self._held = self._started = 0
+        busy = bool(self._ready)
         now = self._loop.time()
         waiting, self._waiting = self._waiting, []
         for batcher in waiting:
