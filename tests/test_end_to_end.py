@@ -1,6 +1,7 @@
 """The whole pipeline through real commands: parity through a running server, and `xorserve demo`."""
 
 import json
+import re
 
 import pytest
 from conftest import run_xorserve
@@ -23,7 +24,7 @@ def test_parity_through_the_server_is_bit_identical_to_in_process(shipped_model_
 @pytest.mark.slow
 def test_demo_runs_every_step_and_stops_the_server_cleanly(tmp_path):
     result = run_xorserve(
-        "demo", "--out", str(tmp_path), "--sample-rows", "2000", "--loadtest-duration", "3s", timeout=600
+        "demo", "--out", str(tmp_path), "--sample-rows", "2000", "--loadtest-duration", "20s", timeout=600
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     for step in range(1, 8):
@@ -31,6 +32,10 @@ def test_demo_runs_every_step_and_stops_the_server_cleanly(tmp_path):
     # The README's contract, with no tolerance: the shipped models/xor/1 was trained on another CPU.
     assert "reproducibility contract: the same seed gives the same state_dict.pt and model.onnx" in result.stdout
     assert "fresh state_dict.pt and model.onnx are byte-identical to the shipped" in result.stdout
+    assert re.search(
+        r"the server now answers from version 2 \(it answered from 1\), [0-9.]+ s into the load test\n", result.stdout
+    )  # not "after it ended": the swap happened under load
+    assert re.search(r"load test across the swap: [1-9]\d* requests, 0 failed \(exit 0\)", result.stdout)
     assert "server exited 0" in result.stdout
     assert (tmp_path / "scored.csv").is_file()
     assert (tmp_path / "loadtest" / "summary.json").is_file()

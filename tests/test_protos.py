@@ -15,8 +15,9 @@ from serving._proto import grpc_service_pb2, model_config_pb2
 
 # Fields xorserve adds that Triton's definitions lack (numbers unused there, so Triton's client skips them).
 EXTENSIONS = {
-    ("inference.ServerMetadataResponse", "properties"),
-    ("inference.ModelMetadataResponse", "properties"),
+    ("inference.ServerMetadataResponse", "parameters"),
+    ("inference.ModelMetadataResponse", "parameters"),
+    ("inference.ModelMetadataResponse.TensorMetadata", "parameters"),
 }
 
 # Dumps every message's fields and every enum's values from tritonclient's generated modules.
@@ -98,7 +99,7 @@ def test_every_rpc_has_tritons_request_and_response_types(triton: dict):
 def test_every_field_has_tritons_name_number_and_type(triton: dict):
     ours = _ours()
     del ours["rpc"]
-    # protobuf names a map field's entry type after the field: properties -> PropertiesEntry.
+    # protobuf names a map field's entry type after the field: parameters -> ParametersEntry.
     extension_entries = {f"{message}.{field.title().replace('_', '')}Entry" for message, field in EXTENSIONS}
     for name, fields in ours.items():
         if name in extension_entries:
@@ -113,3 +114,136 @@ def test_every_field_has_tritons_name_number_and_type(triton: dict):
                 continue
             assert field in theirs, f"{name}.{field} is not in Triton's definition"
             assert theirs[field] == spec, f"{name}.{field}: ours {spec}, Triton's {theirs[field]}"
+
+
+def _v2_with_extensions():
+    """Message types of the Open Inference Protocol with the parameters extensions as Seldon MLServer and KServe
+    declare them (map<string, InferParameter> at ModelMetadataResponse 6 and TensorMetadata 4), built in a pool
+    of their own."""
+    from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
+
+    field = descriptor_pb2.FieldDescriptorProto
+    proto = descriptor_pb2.FileDescriptorProto(name="v2_extensions.proto", package="v2ext", syntax="proto3")
+    parameter = proto.message_type.add(name="InferParameter")
+    parameter.oneof_decl.add(name="parameter_choice")
+    for number, (name, kind) in enumerate(
+        [("bool_param", field.TYPE_BOOL), ("int64_param", field.TYPE_INT64), ("string_param", field.TYPE_STRING)], 1
+    ):
+        parameter.field.add(name=name, number=number, type=kind, label=field.LABEL_OPTIONAL, oneof_index=0)
+
+    def scalar(message, name, number, kind, repeated=False):
+        label = field.LABEL_REPEATED if repeated else field.LABEL_OPTIONAL
+        message.field.add(name=name, number=number, type=kind, label=label)
+
+    def parameters(message, path: str, number: int) -> None:
+        entry = message.nested_type.add(name="ParametersEntry")
+        entry.options.map_entry = True
+        scalar(entry, "key", 1, field.TYPE_STRING)
+        entry.field.add(
+            name="value",
+            number=2,
+            type=field.TYPE_MESSAGE,
+            label=field.LABEL_OPTIONAL,
+            type_name=".v2ext.InferParameter",
+        )
+        message.field.add(
+            name="parameters",
+            number=number,
+            type=field.TYPE_MESSAGE,
+            label=field.LABEL_REPEATED,
+            type_name=f".v2ext.{path}.ParametersEntry",
+        )
+
+    server = proto.message_type.add(name="ServerMetadataResponse")
+    scalar(server, "name", 1, field.TYPE_STRING)
+    scalar(server, "version", 2, field.TYPE_STRING)
+    scalar(server, "extensions", 3, field.TYPE_STRING, repeated=True)
+    model = proto.message_type.add(name="ModelMetadataResponse")
+    tensor = model.nested_type.add(name="TensorMetadata")
+    scalar(tensor, "name", 1, field.TYPE_STRING)
+    scalar(tensor, "datatype", 2, field.TYPE_STRING)
+    scalar(tensor, "shape", 3, field.TYPE_INT64, repeated=True)
+    parameters(tensor, "ModelMetadataResponse.TensorMetadata", 4)
+    scalar(model, "name", 1, field.TYPE_STRING)
+    scalar(model, "versions", 2, field.TYPE_STRING, repeated=True)
+    scalar(model, "platform", 3, field.TYPE_STRING)
+    for name, number in (("inputs", 4), ("outputs", 5)):
+        model.field.add(
+            name=name,
+            number=number,
+            type=field.TYPE_MESSAGE,
+            label=field.LABEL_REPEATED,
+            type_name=".v2ext.ModelMetadataResponse.TensorMetadata",
+        )
+    parameters(model, "ModelMetadataResponse", 6)
+    infer = proto.message_type.add(name="ModelInferResponse")
+    output = infer.nested_type.add(name="InferOutputTensor")
+    scalar(output, "name", 1, field.TYPE_STRING)
+    scalar(output, "datatype", 2, field.TYPE_STRING)
+    scalar(output, "shape", 3, field.TYPE_INT64, repeated=True)
+    parameters(output, "ModelInferResponse.InferOutputTensor", 4)
+    scalar(infer, "model_name", 1, field.TYPE_STRING)
+    scalar(infer, "model_version", 2, field.TYPE_STRING)
+    scalar(infer, "id", 3, field.TYPE_STRING)
+    parameters(infer, "ModelInferResponse", 4)
+    infer.field.add(
+        name="outputs",
+        number=5,
+        type=field.TYPE_MESSAGE,
+        label=field.LABEL_REPEATED,
+        type_name=".v2ext.ModelInferResponse.InferOutputTensor",
+    )
+    scalar(infer, "raw_output_contents", 6, field.TYPE_BYTES, repeated=True)
+    for name, flag in (
+        ("ServerLiveResponse", "live"),
+        ("ServerReadyResponse", "ready"),
+        ("ModelReadyResponse", "ready"),
+    ):
+        scalar(proto.message_type.add(name=name), flag, 1, field.TYPE_BOOL)
+    index = proto.message_type.add(name="RepositoryIndexResponse")
+    entry = index.nested_type.add(name="ModelIndex")
+    for number, name in enumerate(("name", "version", "state", "reason"), 1):
+        scalar(entry, name, number, field.TYPE_STRING)
+    index.field.add(
+        name="models",
+        number=1,
+        type=field.TYPE_MESSAGE,
+        label=field.LABEL_REPEATED,
+        type_name=".v2ext.RepositoryIndexResponse.ModelIndex",
+    )
+    pool = descriptor_pool.DescriptorPool()
+    pool.Add(proto)
+    return {m: message_factory.GetMessageClass(pool.FindMessageTypeByName(f"v2ext.{m}")) for m in proto_names(proto)}
+
+
+def proto_names(proto) -> list[str]:
+    return [message.name for message in proto.message_type]
+
+
+def test_every_answer_parses_with_the_v2_extensions_stubs_declare(server):
+    import grpc
+    import numpy as np
+    from conftest import infer_request
+
+    types = _v2_with_extensions()
+    calls = {
+        "ServerLive": (grpc_service_pb2.ServerLiveRequest(), "ServerLiveResponse"),
+        "ServerReady": (grpc_service_pb2.ServerReadyRequest(), "ServerReadyResponse"),
+        "ModelReady": (grpc_service_pb2.ModelReadyRequest(name="xor"), "ModelReadyResponse"),
+        "ServerMetadata": (grpc_service_pb2.ServerMetadataRequest(), "ServerMetadataResponse"),
+        "ModelMetadata": (grpc_service_pb2.ModelMetadataRequest(name="xor"), "ModelMetadataResponse"),
+        "ModelInfer": (infer_request(np.zeros((3, 2), np.float32), request_id="r"), "ModelInferResponse"),
+        "RepositoryIndex": (grpc_service_pb2.RepositoryIndexRequest(), "RepositoryIndexResponse"),
+    }
+    parsed = {}
+    with grpc.insecure_channel(server.address) as channel:
+        for rpc, (request, answer) in calls.items():
+            call = channel.unary_unary(
+                f"/inference.GRPCInferenceService/{rpc}", request_serializer=type(request).SerializeToString
+            )
+            parsed[rpc] = types[answer].FromString(call(request, timeout=10))  # raises if the wire types differ
+    assert parsed["ModelMetadata"].parameters["providers"].string_param == "CPUExecutionProvider"
+    assert parsed["ModelMetadata"].inputs[0].name == "input"
+    assert parsed["ServerMetadata"].name == "xorserve"
+    assert parsed["ModelInfer"].id == "r" and len(parsed["ModelInfer"].raw_output_contents) == 2
+    assert [m.state for m in parsed["RepositoryIndex"].models] == ["READY"]

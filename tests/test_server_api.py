@@ -46,7 +46,7 @@ def test_server_metadata_reports_the_providers(stub):
     metadata = stub.ServerMetadata(pb.ServerMetadataRequest())
     assert metadata.name == "xorserve"
     assert "model_configuration" in metadata.extensions
-    assert metadata.properties["providers"] == "CPUExecutionProvider"
+    assert metadata.parameters["providers"].string_param == "CPUExecutionProvider"
 
 
 def test_model_metadata_comes_from_the_graph(stub, model_repository):
@@ -60,8 +60,8 @@ def test_model_metadata_comes_from_the_graph(stub, model_repository):
     ]
     session = open_session(model_repository / "xor" / "1" / "model.onnx", SessionSettings(device="cpu"))
     for key, value in session.get_modelmeta().custom_metadata_map.items():
-        assert metadata.properties[key] == value
-    assert metadata.properties["providers"] == "CPUExecutionProvider"
+        assert metadata.parameters[key].string_param == value
+    assert metadata.parameters["providers"].string_param == "CPUExecutionProvider"
 
 
 def test_model_config_reports_batching_with_dims_without_the_batch_axis(stub, server):

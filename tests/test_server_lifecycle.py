@@ -82,7 +82,7 @@ def test_a_model_that_fails_to_load_leaves_the_server_up_and_not_ready(server_fa
     with caplog.at_level(logging.ERROR):
         handle = server_factory(model_repository=tmp_path)
     assert not handle.running.ready
-    assert any("event=model_load_failed model=broken/1" in r.getMessage() for r in caplog.records)
+    assert any("event=model_load_failed model=broken version=1" in r.getMessage() for r in caplog.records)
     with grpc.insecure_channel(handle.address) as channel:
         stub = pb_grpc.GRPCInferenceServiceStub(channel)
         assert stub.ServerLive(pb.ServerLiveRequest()).live
@@ -175,8 +175,8 @@ def test_device_cuda_runs_the_model_on_the_cuda_provider(server_factory, model_r
         metadata = stub.ModelMetadata(pb.ModelMetadataRequest(name="xor"))
         server_metadata = stub.ServerMetadata(pb.ServerMetadataRequest())
         response = stub.ModelInfer(infer_request(rows(4)))
-    assert metadata.properties["providers"].split(",")[0] == CUDA
-    assert CUDA in server_metadata.properties["providers"].split(",")
+    assert metadata.parameters["providers"].string_param.split(",")[0] == CUDA
+    assert CUDA in server_metadata.parameters["providers"].string_param.split(",")
     served = handle.running.plane.resolve("xor")
     assert all(session.get_providers()[0] == CUDA for session in served.loaded.sessions)
     expected = cpu_outputs(model_repository / "xor" / "1" / "model.onnx", rows(4))["logits"]

@@ -1,6 +1,7 @@
 """Drives a server with the unmodified tritonclient[grpc] package and prints what it saw, as JSON.
 
     python tests/triton_compat_client.py HOST:PORT [--model xor]
+    python tests/triton_compat_client.py HOST:PORT --repository MODEL   # the model-repository calls
 
 Run as a separate process: tritonclient registers the same `inference.*` protobuf names as
 serving._proto, so the two cannot share a process. tests/test_server_triton.py runs it once and checks
@@ -88,12 +89,36 @@ def streaming(client: triton.InferenceServerClient, model: str, inputs: dict[str
     return seen
 
 
+def repository_calls(client: triton.InferenceServerClient, model: str) -> dict:
+    """get_model_repository_index, load_model and unload_model, and what the server says after each."""
+
+    def index() -> list[dict]:
+        return client.get_model_repository_index(as_json=True).get("models", [])
+
+    report = {"index_before": index(), "ready_before": client.is_model_ready(model)}
+    report["load"] = error_of(lambda: client.load_model(model))
+    report["ready_after_load"] = client.is_model_ready(model)
+    report["index_after_load"] = index()
+    report["infer_after_load"] = outputs(client.infer(model, [tensor(POINTS)]))
+    report["unload"] = error_of(lambda: client.unload_model(model))
+    report["ready_after_unload"] = client.is_model_ready(model)
+    report["index_after_unload"] = index()
+    report["infer_after_unload"] = error_of(lambda: client.infer(model, [tensor(POINTS)]))
+    report["load_unknown"] = error_of(lambda: client.load_model("nope"))
+    return report
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("url")
     parser.add_argument("--model", default="xor")
+    parser.add_argument("--repository", metavar="MODEL", help="exercise the model-repository calls on MODEL")
     args = parser.parse_args()
     client = triton.InferenceServerClient(args.url)
+    if args.repository:
+        json.dump(repository_calls(client, args.repository), sys.stdout)
+        client.close()
+        return 0
     model = args.model
     rng = np.random.default_rng(11)
     stream_inputs = {f"s{i}": rng.normal(size=(i + 1, 2)).astype(np.float32) for i in range(5)}

@@ -2,11 +2,12 @@
 
 1. train a fresh model (train -> export -> parity) and compare it with the shipped models/xor/1: the
    reproducibility contract promises the same bytes on every x86-64 CPU
-2. serve the shipped model repository on free ports
+2. serve a copy of the shipped model repository on free ports, polling it for new versions
 3. predict the four corners of the XOR square over gRPC
 4. parity through the server (bit-identical to in-process ONNX Runtime)
 5. score a generated sample CSV through the server
-6. a 10-second, 8-user Locust load test
+6. a 20-second, 8-user Locust load test, while version 2 trains into the served repository: the server
+   swaps to it under load, and the load test counts its failures (none)
 7. stop the server (SIGTERM: drain, exit 0)
 """
 
@@ -14,9 +15,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -28,7 +31,12 @@ def add_arguments(parser: Parser) -> None:
     flag(parser, "--out", env="DEMO_OUT", default="out/demo", help="where the demo writes")
     model_repository(parser, default=Path("models"), help="the shipped model repository to serve")
     flag(parser, "--sample-rows", type=number(int, minimum=1), default=100_000, help="rows in the generated sample CSV")
-    flag(parser, "--loadtest-duration", default="10s", help="Locust run time, e.g. 10s")
+    flag(
+        parser,
+        "--loadtest-duration",
+        default="20s",
+        help="Locust run time, e.g. 20s (long enough for version 2 to train meanwhile)",
+    )
     flag(parser, "--loadtest-users", type=number(int, minimum=1), default=8, help="Locust users")
 
 
@@ -88,6 +96,19 @@ def compare_with_shipped(fresh: Path, shipped: Path) -> str:
     )
 
 
+def _wait_for_version(url: str, version: str, timeout_s: float = 60.0) -> str:
+    """The latest version the server answers from, once it is `version` (polling ModelMetadata)."""
+    from serving.client import InferenceClient
+
+    give_up = time.monotonic() + timeout_s
+    with InferenceClient(url, timeout_s=5) as client:
+        while True:
+            latest = client.metadata()["parameters"].get("version", "")
+            if latest == version or time.monotonic() > give_up:
+                return latest
+            time.sleep(0.2)
+
+
 def _exit_on_sigterm(signum, frame) -> None:
     # Unwinds through the `with` blocks, so the server the demo started is stopped too.
     raise SystemExit(128 + signum)
@@ -117,8 +138,12 @@ def run(args: argparse.Namespace) -> int:
     kept = compare_with_shipped(fresh, shipped)
     print(kept)
 
-    _step(2, f"serve {repository}/ on free ports")
-    with ServerProcess.start(repository) as server:
+    served = out / "repository"
+    _step(2, f"serve a copy of {repository}/ ({served}/) on free ports, polling it for new versions")
+    shutil.rmtree(served, ignore_errors=True)
+    shutil.copytree(repository, served)
+    poll = ["--model-control-mode", "poll", "--repository-poll-s", "0.5"]
+    with ServerProcess.start(served, poll) as server:
         print(
             f"server ready on {server.url} (metrics on http://{server.metrics_url}/metrics) in {server.startup_s:.2f} s"
         )
@@ -134,8 +159,12 @@ def run(args: argparse.Namespace) -> int:
         write_sample_csv(sample, args.sample_rows)
         _xorserve("score", str(sample), str(out / "scored.csv"), "--url", server.url, "--quiet")
 
-        _step(6, f"load test: {args.loadtest_users} users for {args.loadtest_duration}")
-        _xorserve(
+        _step(
+            6,
+            f"load test: {args.loadtest_users} users for {args.loadtest_duration}, while version 2 trains into "
+            f"{served}/",
+        )
+        loadtest = [
             "loadtest",
             "--url",
             server.url,
@@ -147,7 +176,33 @@ def run(args: argparse.Namespace) -> int:
             args.loadtest_duration,
             "--out",
             str(out / "loadtest"),
+        ]
+        print("$ xorserve " + " ".join(loadtest) + " &", flush=True)
+        started = time.monotonic()
+        running = subprocess.Popen([sys.executable, "-m", "serving.cli", *loadtest])
+        try:
+            _xorserve("train", "--out", str(served / "xor" / "2"), "--seed", "1", "--epochs", "30", "--no-plots")
+            latest = _wait_for_version(server.url, "2")
+            print(
+                f"the server now answers from version {latest} (it answered from 1), "
+                f"{time.monotonic() - started:.1f} s into the load test"
+                + ("" if running.poll() is None else ", after it ended"),
+                flush=True,
+            )
+            code = running.wait()
+        finally:
+            if running.poll() is None:
+                running.terminate()
+                running.wait()
+        summary = json.loads((out / "loadtest" / "summary.json").read_text())
+        total = summary["total"]
+        print(
+            f"load test across the swap: {total['requests']} requests, {total['failures']} failed (exit {code})",
+            flush=True,
         )
+        if code != 0 or total["failures"]:
+            print("xorserve demo: the load test failed across the swap", file=sys.stderr)
+            return CHECK_FAILED
 
         _step(7, "stop the server (SIGTERM)")
         code = server.stop()

@@ -68,7 +68,7 @@ def flag(parser: Parser, *names: str, env: str | bool = True, help: str, **kwarg
         action.default = _from_environment(action, kwargs.get("action"), variable, raw)
         action.required = False
     notes = []
-    if action.default not in (None, False) and raw is None:
+    if action.default not in (None, False) and action.default != [] and raw is None:
         notes.append(f"default {action.default}")
     notes.append(f"env {variable}")
     action.help = f"{help} ({'; '.join(notes)})"
@@ -77,11 +77,13 @@ def flag(parser: Parser, *names: str, env: str | bool = True, help: str, **kwarg
 
 def _from_environment(action: argparse.Action, kind: str | None, variable: str, raw: str):
     """The variable's value converted and checked as the flag's value would be; UsageError otherwise."""
-    if kind in ("store_true", "store_false"):
+    if kind in ("store_true", "store_false", argparse.BooleanOptionalAction):
         text = raw.strip().lower()
         if text not in _TRUE + _FALSE:
             raise UsageError(f"{variable}={raw!r}: expected one of 1, 0, true, false, yes, no, on, off")
-        return (text in _TRUE) == (kind == "store_true")
+        return (text in _TRUE) == (kind != "store_false")
+    if kind == "append":  # a list: comma-separated in the variable
+        return [_from_environment(action, None, variable, item.strip()) for item in raw.split(",") if item.strip()]
     try:
         value = action.type(raw) if action.type is not None else raw
     except (argparse.ArgumentTypeError, ValueError, TypeError) as exc:

@@ -87,6 +87,39 @@ def add_arguments(parser: Parser) -> None:
     )
     flag(
         parser,
+        "--model-control-mode",
+        choices=("none", "poll", "explicit"),
+        default="none",
+        help="none: load every model at start-up, then change nothing; poll: also rescan the repository every "
+        "--repository-poll-s (new versions load, removed ones unload, changed files reload); explicit: load "
+        "only --load-model at start-up, then load and unload through the repository API",
+    )
+    flag(
+        parser,
+        "--repository-poll-s",
+        type=number(float, above=0),
+        default=15.0,
+        help="with --model-control-mode poll: seconds between scans of the repository",
+    )
+    flag(
+        parser,
+        "--load-model",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="with --model-control-mode explicit: a model to load at start-up (repeat the flag for more; "
+        "comma-separated in the variable)",
+    )
+    flag(
+        parser,
+        "--strict-readiness",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="ready only when every model that is to be served has a version ready (Triton's default); "
+        "--no-strict-readiness: ready once started",
+    )
+    flag(
+        parser,
         "--workers",
         type=positive,
         default=1,
@@ -113,6 +146,10 @@ def config_from_args(args: argparse.Namespace):
         grace_s=args.grace_s,
         max_message_bytes=args.max_message_bytes,
         inline_max_us=args.inline_max_us,
+        model_control_mode=args.model_control_mode,
+        repository_poll_s=args.repository_poll_s,
+        load_models=tuple(args.load_model),
+        strict_readiness=args.strict_readiness,
         workers=args.workers,
     )
 
@@ -122,6 +159,14 @@ def run(args: argparse.Namespace) -> int:
     from serving.server.workers import serve_workers
 
     config = config_from_args(args)
+    if config.workers > 1 and config.model_control_mode == "explicit":
+        # Each worker is a server of its own: a load or unload would reach only the one that took the call.
+        print(
+            "xorserve serve: error: --model-control-mode explicit needs --workers 1 (each worker would load and "
+            "unload on its own); use poll to change the models of several workers",
+            file=sys.stderr,
+        )
+        return USAGE
     if config.workers > 1:
         return serve_workers(config, logging.getLogger().level)
     try:

@@ -125,7 +125,7 @@ def _metadata_dict(metadata: pb.ModelMetadataResponse) -> dict:
         "platform": metadata.platform,
         "inputs": tensors(metadata.inputs),
         "outputs": tensors(metadata.outputs),
-        "properties": dict(metadata.properties),
+        "parameters": {key: value.string_param for key, value in metadata.parameters.items()},
     }
 
 

@@ -11,14 +11,11 @@ model is ready it prints one line to stdout:
 up, live and not ready). SIGTERM or SIGINT: health turns NOT_SERVING, new requests are refused with
 UNAVAILABLE, queued and running ones finish within --grace-s, and the process exits 0.
 
-`--workers N` (N > 1) runs N such servers as worker processes ("spawn") on one gRPC port
-(SO_REUSEPORT: the kernel spreads connections across them), each with its own sessions and batcher,
-health and reflection. The parent picks the port, serves /metrics summed over the workers
-(prometheus_client's multiprocess mode, in a temporary folder removed at exit), prints the READY line
-once every worker is ready, and forwards SIGTERM/SIGINT to all of them: each drains as above, and the
-parent exits 0 when all exited 0. A worker that fails to start stops the others (exit 1, no READY
-line). A worker that dies while serving is not restarted: the parent logs it, drains the others and
-exits 1, leaving restarts to whatever supervises the server (systemd, Kubernetes, compose).
+`--workers N` (N > 1) runs N such servers as worker processes on one gRPC port, supervised by a parent
+that restarts a worker that dies (serving.server.workers).
+
+Models load, unload and swap while the server runs as `--model-control-mode` says (serving.server.models);
+until the first load finishes, inference answers UNAVAILABLE (retry), not NOT_FOUND.
 
 In-process use (tests): `running = await start_server(ServerConfig(model_repository=...))`, then
 `running.grpc_port`, `running.metrics_port`, `running.ready`, and `await running.stop(grace_s)`.
@@ -46,6 +43,7 @@ from serving.runtime import SessionSettings
 from serving.server.batching import BatchPolicy
 from serving.server.dataplane import DataPlane
 from serving.server.metrics import Metrics
+from serving.server.models import Models
 from serving.server.servicer import InferenceServicer, add_to_server
 
 log = logging.getLogger(__name__)
@@ -77,6 +75,10 @@ class ServerConfig:
     max_message_bytes: int = 64 * MiB
     intra_op_threads: int = 1
     inline_max_us: int | None = None  # None: default_inline_max_us()
+    model_control_mode: str = "none"  # none | poll | explicit (serving.server.models)
+    repository_poll_s: float = 15.0
+    load_models: tuple[str, ...] = ()  # loaded at start-up in explicit mode
+    strict_readiness: bool = True
     workers: int = 1  # processes `xorserve serve` runs; start_server always serves in this one
     # Set by the parent of several workers: this process is worker `worker`. It shares `port` with the
     # others (SO_REUSEPORT) and records metrics in PROMETHEUS_MULTIPROC_DIR for the parent, which
@@ -106,6 +108,7 @@ class RunningServer:
         self._health = health
         self._metrics = metrics
         self._stopped = False
+        self.health_follower: asyncio.Task | None = None
 
     @property
     def address(self) -> str:
@@ -129,6 +132,8 @@ class RunningServer:
         deadline = time.monotonic() + grace
         log.info("event=drain_begin grace_s=%s", grace)
         drained = self.plane.drain()  # refuses new requests before health says so
+        if self.health_follower is not None:
+            self.health_follower.cancel()
         await self._health.enter_graceful_shutdown()
         try:
             async with asyncio.timeout(grace):
@@ -155,12 +160,23 @@ def _server_version() -> str:
 
 
 async def _publish_health(health: health_aio.HealthServicer, plane: DataPlane) -> None:
+    """grpc.health.v1: the server (and the inference service) by readiness; each model SERVING while one
+    of its versions is ready."""
     serving, not_serving = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
     overall = serving if plane.ready else not_serving
     await health.set("", overall)
     await health.set(SERVICE, overall)
     for model in plane.model_names():
         await health.set(model, serving if plane.model_ready(model) else not_serving)
+
+
+async def _follow_models(health: health_aio.HealthServicer, plane: DataPlane) -> None:
+    """Publishes health again whenever a model version comes or goes."""
+    changed = plane.models.changed
+    while True:
+        await changed.wait()
+        changed.clear()
+        await _publish_health(health, plane)
 
 
 async def start_server(config: ServerConfig) -> RunningServer:
@@ -171,15 +187,29 @@ async def start_server(config: ServerConfig) -> RunningServer:
     """
     is_worker = config.worker is not None
     metrics = Metrics(config.max_batch_size, multiprocess=is_worker)
-    plane = DataPlane(
+    settings = SessionSettings(device=config.device, tf32=config.tf32, intra_op_threads=config.intra_op_threads)
+    policy = BatchPolicy(config.max_batch_size, config.max_queue_delay_us, config.max_queue_size, config.batching)
+    inline_max_us = default_inline_max_us() if config.inline_max_us is None else config.inline_max_us
+    models = Models(
         config.model_repository,
-        SessionSettings(device=config.device, tf32=config.tf32, intra_op_threads=config.intra_op_threads),
+        settings,
         config.instances,
-        BatchPolicy(config.max_batch_size, config.max_queue_delay_us, config.max_queue_size, config.batching),
+        policy,
+        metrics,
+        inline_max_us / 1e6,
+        mode=config.model_control_mode,
+        load_models=config.load_models,
+        poll_s=config.repository_poll_s,
+        retire_timeout_s=config.grace_s,
+    )
+    plane = DataPlane(
+        models,
+        settings,
+        policy,
         metrics,
         _server_version(),
         config.max_message_bytes,
-        default_inline_max_us() if config.inline_max_us is None else config.inline_max_us,
+        strict_readiness=config.strict_readiness,
     )
     server = grpc.aio.server(
         options=[
@@ -210,6 +240,7 @@ async def start_server(config: ServerConfig) -> RunningServer:
         await running.stop(0)
         raise
     await _publish_health(health, plane)
+    running.health_follower = asyncio.ensure_future(_follow_models(health, plane))
     if plane.ready:
         log.info("event=ready models=%s providers=%s", ",".join(plane.model_names()), ",".join(plane.providers()))
     else:

@@ -1,62 +1,47 @@
-"""The data plane: the loaded models and what each RPC does with them, independent of gRPC plumbing.
+"""The data plane: what each RPC does with the models being served, independent of gRPC plumbing.
 
-It loads the repository (one Batcher per model version), resolves model names and versions, runs
-inference through the batchers, answers metadata and configuration, and drains on shutdown. Errors
-are raised as serving.server.errors exceptions; the servicer maps them to status codes.
+It runs inference through the models' batchers, answers metadata, configuration and the repository
+RPCs, and drains on shutdown; serving.server.models loads and unloads the models. Errors are raised as
+serving.server.errors exceptions; the servicer maps them to status codes.
 
 A request's way down and back, in one place (`infer`): `prepare` resolves the model and decodes and
 checks the inputs into a Job, then `run` awaits the batcher's result for it and encodes the response.
-A stream calls the two halves itself, to await in line a job the batcher answers soon.
+A stream calls the two halves itself, to await in line a job the batcher answers soon. A Job counts as
+held by its model version from `prepare` to the end of `run`, so that a version being unloaded answers
+every request already routed to it first.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import time
 from collections.abc import Awaitable
-from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
 from serving._proto import grpc_service_pb2 as pb
 from serving._proto import model_config_pb2 as mc
-from serving.devices import CUDA, DeviceUnavailableError
+from serving.devices import CUDA
 from serving.protocol import TensorSpec
 from serving.runtime import SessionSettings
 from serving.server import codec
-from serving.server.batching import Batcher, BatchPolicy, Coalescer
+from serving.server.batching import BatchPolicy
 from serving.server.errors import (
     STATUS,
     DeadlineExceededError,
-    ModelNotFoundError,
     ServingError,
     TooLargeError,
     UnavailableError,
 )
-from serving.server.metrics import UNKNOWN_MODEL, Metrics, ModelMetrics
-from serving.server.repository import MODEL_FILE, PLATFORM, LoadedVersion, discover, load_version, rows_within
+from serving.server.metrics import UNKNOWN_MODEL, Metrics
+from serving.server.models import Models, ServedVersion
+from serving.server.repository import MODEL_FILE, PLATFORM
 
 log = logging.getLogger(__name__)
 
 SERVER_NAME = "xorserve"
-EXTENSIONS = ("model_configuration", "streaming")
-
-
-@dataclass
-class ServedVersion:
-    """A loaded model version with its batcher and metrics."""
-
-    loaded: LoadedVersion
-    batcher: Batcher
-    metrics: ModelMetrics
-    output_names: tuple[str, ...]
-    max_batch_size: int  # reported in ModelConfig: 0 when the model has no batch axis
-    decoder: codec.InputDecoder
-    encoder: codec.ResponseEncoder
-    row_bytes: int | None  # bytes of all outputs per row when every output has a batch axis and fixed other dims
+EXTENSIONS = ("model_configuration", "model_repository", "streaming")
 
 
 class Job:
@@ -82,128 +67,53 @@ class Job:
 class DataPlane:
     def __init__(
         self,
-        repository: Path,
+        models: Models,
         settings: SessionSettings,
-        instances: int,
         policy: BatchPolicy,
         metrics: Metrics,
         server_version: str = "",
         max_message_bytes: int = 64 * 1024 * 1024,
-        inline_max_us: int = 0,
+        strict_readiness: bool = True,
     ) -> None:
-        self._repository = repository
+        self.models = models
         self._settings = settings
-        self._instances = instances
         self._policy = policy
         self._metrics = metrics
         self._server_version = server_version
         self._max_message_bytes = max_message_bytes
-        self._inline_max_s = inline_max_us / 1e6
-        self._models: dict[str, dict[str, ServedVersion]] = {}
-        self._latest: dict[str, str] = {}
-        self.failures: dict[str, str] = {}  # "model" or "model/version" -> why it did not load
-        self._loaded = False
+        self._strict = strict_readiness
         self.draining = False
         self._last_refusal = 0.0  # loop time of the latest request refused while draining
         self._resolved: dict[tuple[str, str], ServedVersion] = {}  # (name, version) as requested -> served
-        self._coalescer = Coalescer()  # shared by every model's batcher: one end-of-turn check for all
+        self._routes = 0  # the models' routing generation the cache was filled under
 
     # -- lifecycle ---------------------------------------------------------------------------------
 
     async def load(self) -> None:
-        """Loads every model version (in a thread: the event loop keeps answering liveness meanwhile).
+        """Loads what the model control mode loads at start-up (serving.server.models)."""
+        await self.models.start()
 
-        A model that fails to load is recorded in `failures` and logged; the server stays not ready.
-        DeviceUnavailableError (--device cuda without CUDA) is raised: it concerns every model.
-        """
-        found, problems = discover(self._repository)
-        for model, reason in problems.items():
-            self._fail(model, reason)
-        if not found and not problems:
-            self._fail("(repository)", f"no models in {self._repository}")
-        for where in found:
-            try:
-                loaded = await asyncio.to_thread(load_version, where, self._settings, self._instances)
-                inline = await asyncio.to_thread(rows_within, loaded, self._batch_rows(loaded), self._inline_max_s)
-            except DeviceUnavailableError:
-                raise
-            except Exception as exc:
-                self._fail(f"{where.model}/{where.version}", f"{type(exc).__name__}: {exc}")
-                continue
-            self._serve(loaded, *inline)
-        self._loaded = True
-
-    def _fail(self, key: str, reason: str) -> None:
-        self.failures[key] = reason
-        log.error("event=model_load_failed model=%s reason=%r", key, reason)
-
-    def _batch_rows(self, loaded: LoadedVersion) -> int:
-        """The rows of the largest batch: max_batch_size, or 1 for a model without a batch axis."""
-        return self._policy.max_batch_size if loaded.batchable else 1
-
-    def _serve(self, loaded: LoadedVersion, inline_rows: int, inline_s: float) -> None:
-        """Starts serving a loaded version. Batches of up to `inline_rows` rows (those that run within
-        --inline-max-us, `inline_s` for the largest: see `rows_within`) run on the event loop; larger
-        ones in the instance threads."""
-        batchable = loaded.batchable
-        batch_rows = self._batch_rows(loaded)
-        threads = f"threads:{len(loaded.sessions)}"
-        log.info(
-            "event=model_serving model=%s version=%s batch_rows=%d inline_rows=%d inline_us=%.1f execution=%s",
-            loaded.model,
-            loaded.version,
-            batch_rows,
-            inline_rows,
-            inline_s * 1e6,
-            "event_loop" if inline_rows >= batch_rows else f"event_loop+{threads}" if inline_rows else threads,
-        )
-        policy = (
-            self._policy
-            if batchable
-            else BatchPolicy(max_batch_size=1, max_queue_size=self._policy.max_queue_size, enabled=False)
-        )
-        metrics = self._metrics.for_model(loaded.model, loaded.version, loaded.provider)
-        outputs = tuple(spec.name for spec in loaded.outputs)
-        batcher = Batcher(
-            f"{loaded.model}/{loaded.version}",
-            loaded.sessions,
-            [spec.name for spec in loaded.inputs],
-            outputs,
-            policy,
-            metrics,
-            inline_rows=inline_rows,
-            coalescer=self._coalescer,
-        )
-        batcher.start()
-        served = ServedVersion(
-            loaded,
-            batcher,
-            metrics,
-            outputs,
-            self._policy.max_batch_size if batchable else 0,
-            codec.InputDecoder(loaded.inputs),
-            codec.ResponseEncoder(loaded.model, loaded.version, loaded.outputs),
-            _row_bytes(loaded.outputs) if batchable else None,
-        )
-        self._models.setdefault(loaded.model, {})[loaded.version] = served
-        self._resolved.clear()
-        latest = self._latest.get(loaded.model)
-        if latest is None or int(loaded.version) > int(latest):
-            self._latest[loaded.model] = loaded.version
+    @property
+    def failures(self) -> dict[str, str]:
+        return self.models.failures
 
     @property
     def ready(self) -> bool:
-        return self._loaded and not self.failures and bool(self._models) and not self.draining
+        """Ready to serve: started, not draining and, with strict readiness (Triton's default), every model
+        that is to be served has a version ready."""
+        if not self.models.started or self.draining:
+            return False
+        return self.models.all_wanted_ready() if self._strict else True
 
     def model_names(self) -> list[str]:
-        return sorted(self._models)
+        return self.models.known()
 
     def drain(self) -> Awaitable[list]:
         """Refuses new inference requests from now on; the result completes when every queued and
         running one has been answered."""
         self.draining = True
         self._last_refusal = asyncio.get_running_loop().time()  # the quiet period starts now at the earliest
-        return asyncio.gather(*(served.batcher.drain() for served in self._versions()))
+        return self.models.drain()
 
     async def wait_quiet(self, quiet_s: float, limit_s: float) -> None:
         """After drain(): waits until no request was refused for quiet_s since draining began (at most limit_s).
@@ -221,38 +131,21 @@ class DataPlane:
             await asyncio.sleep(min(wait, give_up - now))
 
     async def close(self) -> None:
-        await asyncio.gather(*(served.batcher.close() for served in self._versions()))
-
-    def _versions(self) -> list[ServedVersion]:
-        return [served for versions in self._models.values() for served in versions.values()]
+        await self.models.close()
 
     # -- lookups -----------------------------------------------------------------------------------
 
     def resolve(self, name: str, version: str = "") -> ServedVersion:
-        versions = self._models.get(name)
-        if versions is None:
-            if any(key == name or key.startswith(name + "/") for key in self.failures):
-                raise UnavailableError(f"model '{name}' failed to load; the server log says why")
-            raise ModelNotFoundError(f"unknown model '{name}'; models: {self.model_names()}")
-        served = versions.get(version or self._latest[name])
-        if served is None:
-            if f"{name}/{version}" in self.failures:
-                raise UnavailableError(f"model '{name}' version '{version}' failed to load; the server log says why")
-            known = sorted(versions, key=int)
-            raise ModelNotFoundError(f"model '{name}' has no version '{version}'; versions: {known}")
-        return served
+        return self.models.resolve(name, version)
 
     def model_ready(self, name: str, version: str = "") -> bool:
-        try:
-            self.resolve(name, version)
-        except ServingError:
-            return False
-        return not self.draining
+        return not self.draining and self.models.model_ready(name, version)
 
     def providers(self) -> list[str]:
         seen: dict[str, None] = {}
-        for served in self._versions():
-            seen.update(dict.fromkeys(served.loaded.providers))
+        for versions in self.models.serving.values():
+            for served in versions.values():
+                seen.update(dict.fromkeys(served.loaded.providers))
         return list(seen)
 
     # -- RPCs --------------------------------------------------------------------------------------
@@ -262,7 +155,7 @@ class DataPlane:
             name=SERVER_NAME,
             version=self._server_version,
             extensions=EXTENSIONS,
-            properties={"providers": ",".join(self.providers()), "device": self._settings.device},
+            parameters=_parameters({"providers": ",".join(self.providers()), "device": self._settings.device}),
         )
 
     def model_metadata(self, name: str, version: str = "") -> pb.ModelMetadataResponse:
@@ -274,11 +167,11 @@ class DataPlane:
         properties["version"] = loaded.version
         return pb.ModelMetadataResponse(
             name=loaded.model,
-            versions=sorted(self._models[loaded.model], key=int),
+            versions=sorted(self.models.serving[loaded.model], key=int),
             platform=PLATFORM,
             inputs=[tensor(name=s.name, datatype=s.datatype, shape=s.shape) for s in loaded.inputs],
             outputs=[tensor(name=s.name, datatype=s.datatype, shape=s.shape) for s in loaded.outputs],
-            properties=properties,
+            parameters=_parameters(properties),
         )
 
     def model_config(self, name: str, version: str = "") -> pb.ModelConfigResponse:
@@ -311,9 +204,34 @@ class DataPlane:
             parameters={"providers": mc.ModelParameter(string_value=",".join(loaded.providers))},
             model_transaction_policy=mc.ModelTransactionPolicy(decoupled=False),
         )
-        if self._policy.enabled and served.max_batch_size > 0:
-            config.dynamic_batching.max_queue_delay_microseconds = self._policy.max_queue_delay_us
+        if served.policy.enabled and served.max_batch_size > 0:
+            config.dynamic_batching.max_queue_delay_microseconds = served.policy.max_queue_delay_us
+        policy = served.version_policy
+        if policy.specific is not None:
+            config.version_policy.specific.versions.extend(policy.specific)
+        elif policy.latest is not None:
+            config.version_policy.latest.num_versions = policy.latest
+        else:
+            config.version_policy.all.SetInParent()
         return pb.ModelConfigResponse(config=config)
+
+    async def repository_index(self, ready_only: bool) -> pb.RepositoryIndexResponse:
+        entry = pb.RepositoryIndexResponse.ModelIndex
+        rows = await self.models.index(ready_only)
+        return pb.RepositoryIndexResponse(
+            models=[entry(name=m, version=v, state=state, reason=reason) for m, v, state, reason in rows]
+        )
+
+    async def load_model(self, name: str) -> None:
+        """Loads, or reloads, a model (explicit model control only); raises with the reason on failure."""
+        self.models.check_control("load")
+        if self.draining:
+            raise UnavailableError("server is shutting down; it loads no model")
+        await self.models.load(name)
+
+    async def unload_model(self, name: str) -> None:
+        self.models.check_control("unload")
+        await self.models.unload(name)
 
     def infer(self, request: pb.ModelInferRequest, time_remaining: float | None) -> Awaitable[bytes]:
         """Runs one request through its model's batcher: await the result for its response, a serialized
@@ -324,6 +242,9 @@ class DataPlane:
     def prepare(self, request: pb.ModelInferRequest, time_remaining: float | None) -> Job:
         """Resolves the model and decodes and checks the request; raises serving.server.errors exceptions."""
         start = time.perf_counter()
+        if self._routes != self.models.routes:  # a version came or went: resolve afresh
+            self._resolved.clear()
+            self._routes = self.models.routes
         served = self._resolved.get((request.model_name, request.model_version))
         if served is None:
             served = self._resolve_cached(request.model_name, request.model_version)
@@ -341,6 +262,7 @@ class DataPlane:
         except Exception as exc:
             _count_failure(served.metrics, exc)
             raise
+        served.jobs += 1
         return Job(served, request, inputs, rows or 1, outputs, deadline, start)
 
     async def run(self, job: Job) -> bytes:
@@ -352,6 +274,8 @@ class DataPlane:
         except Exception as exc:
             _count_failure(served.metrics, exc)
             raise
+        finally:
+            served.job_done()
         metrics = served.metrics
         metrics.success.count += 1
         metrics.request_seconds.observe(time.perf_counter() - job.start)
@@ -362,9 +286,8 @@ class DataPlane:
         try:
             served = self.resolve(name, version)
         except ServingError as exc:
-            self._metrics.failure(
-                name if name in self._models else UNKNOWN_MODEL, UNKNOWN_MODEL, STATUS[type(exc)].name
-            )
+            known = name in self.models.serving or name in self.models.wanted
+            self._metrics.failure(name if known else UNKNOWN_MODEL, UNKNOWN_MODEL, STATUS[type(exc)].name)
             raise
         if len(self._resolved) < 1024:  # bounded: names come from clients
             self._resolved[(name, version)] = served
@@ -383,11 +306,9 @@ class DataPlane:
         return served.encoder.encode(job.request.id, job.outputs, results)
 
 
-def _row_bytes(outputs: tuple[TensorSpec, ...]) -> int | None:
-    """Bytes per row of all outputs together, when every dimension but the batch axis is fixed."""
-    if any(-1 in spec.shape[1:] for spec in outputs):
-        return None
-    return sum(spec.dtype.itemsize * math.prod(spec.shape[1:]) for spec in outputs)
+def _parameters(values: dict[str, str]) -> dict[str, pb.InferParameter]:
+    """String values as the protocol's parameters (string_param)."""
+    return {key: pb.InferParameter(string_param=value) for key, value in values.items()}
 
 
 def _count_failure(metrics, exc: Exception) -> None:

@@ -42,6 +42,14 @@ class DeadlineExceededError(ServingError):
     """The request's deadline passed while it waited in the queue; it was not run."""
 
 
+class LoadFailedError(ServingError):
+    """A model (or some of its versions) could not be loaded; the message says why."""
+
+
+class NotAllowedError(ServingError):
+    """The request cannot be carried out in the server's present configuration (e.g. its model control mode)."""
+
+
 # The single place where an error becomes a status code.
 STATUS: dict[type[ServingError], grpc.StatusCode] = {
     ModelNotFoundError: grpc.StatusCode.NOT_FOUND,
@@ -49,6 +57,8 @@ STATUS: dict[type[ServingError], grpc.StatusCode] = {
     TooLargeError: grpc.StatusCode.RESOURCE_EXHAUSTED,
     UnavailableError: grpc.StatusCode.UNAVAILABLE,
     DeadlineExceededError: grpc.StatusCode.DEADLINE_EXCEEDED,
+    LoadFailedError: grpc.StatusCode.INVALID_ARGUMENT,
+    NotAllowedError: grpc.StatusCode.FAILED_PRECONDITION,
 }
 
 

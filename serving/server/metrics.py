@@ -26,6 +26,7 @@ scrape), so a scrape may lag by FLUSH_S. Each worker also reports its own count 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import threading
 from collections.abc import Callable, Iterator
@@ -182,10 +183,10 @@ class ModelMetrics:
         self._answered = 0
         self._queue_depth: Callable[[], int] | None = None
         self._failures = m.failures
-        self._labels = labels
+        self.labels = labels
 
     def failure(self, reason: str) -> None:
-        self._failures.labels(*self._labels, reason).inc()
+        self._failures.labels(*self.labels, reason).inc()
 
     def ran_alone(self, rows: int, compute_s: float) -> None:
         """A request run at once, without waiting in the queue: a batch of one."""
@@ -276,6 +277,25 @@ class Metrics:
             registry=self.store,
             multiprocess_mode="livemax",
         )
+        self.loads = Counter(
+            "xorserve_model_loads",
+            "Loads of model versions, by result (ok, failed)",
+            ("model", "version", "result"),
+            registry=self.store,
+        )
+        self.unloads = Counter(
+            "xorserve_model_unloads",
+            "Model versions unloaded (replaced, removed or unloaded)",
+            labels,
+            registry=self.store,
+        )
+        self.loaded = Gauge(
+            "xorserve_loaded_versions",
+            "Versions of the model loaded and serving",
+            ("model",),
+            registry=self.store,
+            multiprocess_mode="livemax",
+        )
         # Per worker (the multiprocess collector adds a pid label); a dead worker's series goes, its
         # requests stay counted in xorserve_inference_success.
         self.worker_successes = (
@@ -301,6 +321,23 @@ class Metrics:
         metrics = ModelMetrics(self, (model, version))
         self._models.append(metrics)
         return metrics
+
+    def model_load(self, model: str, version: str, ok: bool) -> None:
+        self.loads.labels(model, version, "ok" if ok else "failed").inc()
+
+    def model_unload(self, metrics: ModelMetrics, model: str, version: str, provider: str) -> None:
+        """A version left: its last counts are flushed, and its info and queue depth series go."""
+        metrics.flush()
+        self._models.remove(metrics)
+        self.unloads.labels(model, version).inc()
+        if not any(m.labels == (model, version) for m in self._models):  # not reloaded under the same labels
+            with contextlib.suppress(KeyError):
+                self.info.remove(model, version, provider)
+            with contextlib.suppress(KeyError):
+                self.queue_depth.remove(model, version)
+
+    def loaded_versions(self, model: str, count: int) -> None:
+        self.loaded.labels(model).set(count)
 
     def start(self) -> None:
         """Flushes on the running event loop every FLUSH_S from now on (and on demand before scrapes)."""

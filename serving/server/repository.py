@@ -1,8 +1,12 @@
-"""The model repository: `<root>/<model>/<version>/model.onnx`, found on disk and loaded into sessions.
+"""The model repository: `<root>/<model>/[config.pbtxt]`, `<root>/<model>/<version>/model.onnx`, found on
+disk and loaded into sessions.
 
-Versions are positive integers; an empty version means the latest. Loading one version opens one
-ONNX Runtime session per instance (through serving.runtime, the one place that picks providers),
-reads the tensors and metadata_props from the graph, and runs a warm-up inference on each session.
+Versions are positive integers; an empty version means the latest. Hidden folders and files (a leading
+dot: the trainer's `.1.xxxx.tmp` staging folders) are not looked at, so a version still being written is
+never taken for one. A model's optional config.pbtxt (serving.server.modelconfig) chooses its versions and
+sets its batching and instances. Loading one version opens one ONNX Runtime session per instance
+(through serving.runtime, the one place that picks providers), reads the tensors and metadata_props
+from the graph, checks them against the config.pbtxt, and runs a warm-up inference on each session.
 """
 
 from __future__ import annotations
@@ -17,6 +21,8 @@ import onnxruntime as ort
 
 from serving.protocol import ONNX_DATATYPES, TensorSpec
 from serving.runtime import SessionSettings, open_session, primary_provider
+from serving.server import modelconfig
+from serving.server.modelconfig import ConfigError, ModelSettings
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +34,22 @@ PLATFORM = "onnxruntime_onnx"
 class VersionPath:
     model: str
     version: str
+    path: Path  # the model.onnx
+    # What tells a changed file (inode, size, modification time), or None where there is no model.onnx.
+    signature: tuple[int, int, int] | None = None
+
+
+@dataclass(frozen=True)
+class ModelFolder:
+    """One model's folder as found on disk: its config.pbtxt and the versions its policy serves."""
+
+    name: str
     path: Path
+    settings: ModelSettings | None  # None: no config.pbtxt, the flags apply
+    config_signature: tuple[int, int, int] | None
+    versions: tuple[VersionPath, ...]  # chosen by the version policy, oldest first
+    on_disk: tuple[str, ...]  # every version folder, oldest first
+    problem: str | None = None  # why nothing of the model can be served (no version, bad config.pbtxt)
 
 
 @dataclass
@@ -54,24 +75,52 @@ class LoadedVersion:
         return all(spec.shape and spec.shape[0] == -1 for spec in (*self.inputs, *self.outputs))
 
 
-def discover(root: Path) -> tuple[list[VersionPath], dict[str, str]]:
-    """Every `<model>/<version>/` folder under root, and the models that have no usable version (why)."""
+def _signature(path: Path) -> tuple[int, int, int] | None:
+    try:
+        stat = path.stat()
+    except OSError:
+        return None
+    return stat.st_ino, stat.st_size, stat.st_mtime_ns
+
+
+def model_names(root: Path) -> list[str]:
+    """The model folders under root (not hidden). Raises FileNotFoundError when root is not a folder."""
     if not root.is_dir():
         raise FileNotFoundError(f"model repository {root} is not a directory")
-    found: list[VersionPath] = []
-    problems: dict[str, str] = {}
-    for model_dir in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
-        versions = []
-        for version_dir in model_dir.iterdir():
-            if version_dir.is_dir() and version_dir.name.isdigit() and int(version_dir.name) > 0:
-                versions.append(version_dir)
-            elif not version_dir.name.startswith("."):
-                log.warning("event=repository_skip path=%s reason=not_a_positive_integer_version", version_dir)
-        if not versions:
-            problems[model_dir.name] = f"no version folders (positive integers) in {model_dir}"
-        for version_dir in sorted(versions, key=lambda p: int(p.name)):
-            found.append(VersionPath(model_dir.name, version_dir.name, version_dir / MODEL_FILE))
-    return found, problems
+    return sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def scan_model(root: Path, name: str) -> ModelFolder | None:
+    """What `root/name` holds now; None when there is no such model folder."""
+    model_dir = root / name
+    if not model_dir.is_dir() or name.startswith(".") or "/" in name or name in ("", ".."):
+        return None
+    numbers = []
+    for version_dir in model_dir.iterdir():
+        if version_dir.name.startswith("."):
+            continue
+        if version_dir.is_dir() and version_dir.name.isdigit() and int(version_dir.name) > 0:
+            numbers.append(int(version_dir.name))
+        elif version_dir.name != modelconfig.CONFIG_FILE:
+            log.warning("event=repository_skip path=%s reason=not_a_positive_integer_version", version_dir)
+    on_disk = tuple(str(n) for n in sorted(numbers))
+    config_signature = _signature(model_dir / modelconfig.CONFIG_FILE)
+    try:
+        settings = modelconfig.read(model_dir)
+    except ConfigError as exc:
+        return ModelFolder(name, model_dir, None, config_signature, (), on_disk, str(exc))
+    policy = settings.version_policy if settings is not None else modelconfig.ALL_VERSIONS
+    chosen = policy.choose(numbers)
+    versions = tuple(
+        VersionPath(name, str(n), model_dir / str(n) / MODEL_FILE, _signature(model_dir / str(n) / MODEL_FILE))
+        for n in chosen
+    )
+    problem = None
+    if not numbers:
+        problem = f"no version folders (positive integers) in {model_dir}"
+    elif not versions:
+        problem = f"the version_policy of {model_dir / modelconfig.CONFIG_FILE} chooses none of {list(on_disk)}"
+    return ModelFolder(name, model_dir, settings, config_signature, versions, on_disk, problem)
 
 
 def _specs(args: list) -> tuple[TensorSpec, ...]:
@@ -121,13 +170,18 @@ def rows_within(loaded: LoadedVersion, max_rows: int, budget_s: float) -> tuple[
         rows //= 2
 
 
-def load_version(where: VersionPath, settings: SessionSettings, instances: int) -> LoadedVersion:
-    """Opens `instances` sessions on the model file and warms each up; raises with the reason on failure."""
+def load_version(
+    where: VersionPath, settings: SessionSettings, instances: int, config: ModelSettings | None = None
+) -> LoadedVersion:
+    """Opens `instances` sessions on the model file, checks the graph against the model's config.pbtxt, and
+    warms each session up; raises with the reason on failure (ConfigError for a mismatch with the config)."""
     if not where.path.is_file():
         raise FileNotFoundError(f"{where.path} does not exist")
-    sessions = [open_session(where.path, settings) for _ in range(instances)]
-    first = sessions[0]
+    first = open_session(where.path, settings)
     inputs, outputs = _specs(first.get_inputs()), _specs(first.get_outputs())
+    if config is not None:
+        modelconfig.check(config, inputs, outputs)
+    sessions = [first] + [open_session(where.path, settings) for _ in range(instances - 1)]
     for session in sessions:
         _warm_up(session, inputs)
     properties = dict(first.get_modelmeta().custom_metadata_map)

@@ -51,6 +51,20 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         return self._plane.model_config(request.name, request.version)
 
     @rpc_errors
+    async def RepositoryIndex(self, request, context):
+        return await self._plane.repository_index(request.ready)
+
+    @rpc_errors
+    async def RepositoryModelLoad(self, request, context):
+        await self._plane.load_model(request.model_name)
+        return pb.RepositoryModelLoadResponse()
+
+    @rpc_errors
+    async def RepositoryModelUnload(self, request, context):
+        await self._plane.unload_model(request.model_name)
+        return pb.RepositoryModelUnloadResponse()
+
+    @rpc_errors
     def ModelInfer(self, request, context):
         return self._plane.infer(request, context.time_remaining())  # awaited by rpc_errors
 
