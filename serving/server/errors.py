@@ -7,6 +7,7 @@ is a bug: it is logged with a request id and answered INTERNAL, and the server k
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import logging
 import uuid
@@ -77,6 +78,12 @@ Response = TypeVar("Response")
 Handler = Callable[[object, Request, grpc.aio.ServicerContext], Awaitable[Response]]
 
 
+def _over(context: grpc.aio.ServicerContext) -> bool:
+    """Whether the call has ended already: cancelled by its client, or past its deadline."""
+    remaining = context.time_remaining()
+    return context.cancelled() or context.done() or (remaining is not None and remaining <= 0)
+
+
 def rpc_errors(handler: Handler) -> Handler:
     """Decorates a unary RPC method: ServingErrors become their status, anything else INTERNAL.
 
@@ -87,9 +94,15 @@ def rpc_errors(handler: Handler) -> Handler:
     @functools.wraps(handler)
     async def wrapper(self, request, context: grpc.aio.ServicerContext):
         try:
-            return await handler(self, request, context)
+            response = await handler(self, request, context)
+            if not _over(context):
+                return response
         except Exception as exc:
             code, message = status_of(exc, rpc, getattr(request, "id", ""))
-            await context.abort(code, message)
+            if not _over(context):
+                await context.abort(code, message)
+        # The call ended (its deadline passed, or the client went): nothing can be sent on it, and aborting it
+        # would fail inside gRPC. Ending the handler as a cancelled one is what gRPC expects then.
+        raise asyncio.CancelledError
 
     return wrapper
