@@ -2,15 +2,22 @@
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import csv
 import gzip
 import io
 import json
 import os
 import shlex
+import signal
+import socket
 import subprocess
 import sys
 import textwrap
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
@@ -24,7 +31,7 @@ import pytest
 
 from serving.cli import main as cli
 from serving.client import InferenceError
-from serving.scoring import backends, pipeline, readers, writers
+from serving.scoring import backends, interrupts, pipeline, readers, writers
 from serving.scoring.validate import features
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -480,6 +487,383 @@ def test_successful_commit_replaces_both_files_and_leaves_no_temporary_names(tmp
     assert (tmp_path / "out.csv").read_text().startswith("x1,x2,probability,label\n0,1,")
 
 
+# --- signals --------------------------------------------------------------------------------------------
+
+_OLD = {"out.csv": b"yesterday's scores\n", "out.errors.csv": b"yesterday's errors\n"}
+_LONG_ROWS = 2_000_000
+_LONG_ARGS = ("--chunk-rows", 1000, "--device", "cpu")
+
+
+def _with_old_files(folder: Path) -> Path:
+    folder.mkdir(exist_ok=True)
+    for name, data in _OLD.items():
+        (folder / name).write_bytes(data)
+    return folder
+
+
+def _files(folder: Path) -> dict[str, bytes]:
+    return {name: (folder / name).read_bytes() for name in _OLD}
+
+
+def _leftovers(folder: Path) -> list[str]:
+    return sorted(name for name in os.listdir(folder) if name.endswith((".partial", ".previous")))
+
+
+def _start_score(*args) -> subprocess.Popen:
+    """`xorserve score ARGS` as a subprocess, logging `event=score_start` once its signal handlers are in and
+    `event=score_backend_ready` once the model is loaded (or the server reached)."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "serving.cli", "score", *map(str, args), "--log-level", "DEBUG"],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+@dataclass(frozen=True)
+class _LongRun:
+    input: Path
+    model_dir: Path
+    output: bytes  # what an uninterrupted run writes
+    errors: bytes
+
+
+@pytest.fixture(scope="module")
+def long_run(tmp_path_factory, model_repository) -> _LongRun:
+    """Two million rows, scored in 1000-row chunks for a second or two, and the files that a whole run writes."""
+    folder = tmp_path_factory.mktemp("long-run")
+    grid = np.random.default_rng(12).integers(0, 5, size=(_LONG_ROWS, 2)).astype(np.float32) / 4
+    pq.write_table(pa.table({"x1": grid[:, 0], "x2": grid[:, 1]}), folder / "in.parquet", row_group_size=65_536)
+    model_dir = model_repository / "xor" / "1"
+    process = _start_score(folder / "in.parquet", folder / "out.csv", "--model-dir", model_dir, *_LONG_ARGS)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 0, err
+    output, errors = (folder / "out.csv").read_bytes(), (folder / "out.errors.csv").read_bytes()
+    assert errors == b"row,reason,detail\n"
+    return _LongRun(folder / "in.parquet", model_dir, output, errors)
+
+
+def _read_stderr_until(process: subprocess.Popen, text: str) -> None:
+    """Reads the run's log until a line holds `text` (or the run ends): the run has got that far."""
+    for line in process.stderr:
+        if text in line:
+            return
+
+
+def _poll(process: subprocess.Popen, ready: Callable[[], bool]) -> None:
+    """Checks `ready()` every 2 ms until it holds or the run ends (the moment comes from the run's own files)."""
+    deadline = time.monotonic() + 60
+    while not ready() and process.poll() is None:
+        assert time.monotonic() < deadline, "the run neither got there nor ended"
+        time.sleep(0.002)
+
+
+def _size(folder: Path, pattern: str) -> int:
+    sizes = []
+    for path in folder.glob(pattern):
+        with contextlib.suppress(FileNotFoundError):  # renamed or removed meanwhile
+            sizes.append(path.stat().st_size)
+    return max(sizes, default=-1)
+
+
+def _inode(path: Path) -> int:
+    return path.stat().st_ino
+
+
+# The moments a signal is sent at, each with the outcomes it may have: "interrupted" (exit 128 + the signal,
+# both files as they were), "completed" (exit 0, both files new; "signal noted" when the signal came after the
+# commit but before the command returned, else it came later, ignored, or after the process ended), "killed"
+# (a signal in Python's own start-up, before `xorserve score` began: death by the signal, which a shell shows
+# as 128 + the signal, with nothing opened yet).
+_COMPLETED = {"completed", "completed, signal noted"}
+_MOMENTS = {
+    "at start": {"interrupted", "killed"},  # Python still starting, or importing
+    "handlers in": {"interrupted"},  # imports, model loading, files all still to come
+    "model loaded": {"interrupted"},  # the files are about to be created
+    "first chunk written": {"interrupted"},
+    "half written": {"interrupted"},
+    "all rows written": {"interrupted", *_COMPLETED},  # what is left: closing, syncing, renaming
+    "output renamed": _COMPLETED,  # the commit is done: the run reports it
+}
+
+
+def _wait_for(moment: str, process: subprocess.Popen, folder: Path, long_run: _LongRun) -> None:
+    old = _inode(folder / "out.csv")
+
+    def written() -> int:
+        return _size(folder, ".out.csv.*.partial")
+
+    def renamed() -> bool:
+        return _inode(folder / "out.csv") != old
+
+    if moment == "handlers in":
+        _read_stderr_until(process, "event=score_start")
+    elif moment == "model loaded":
+        _read_stderr_until(process, "event=score_backend_ready")
+    elif moment == "first chunk written":
+        _poll(process, lambda: written() > len("x1,x2,probability,label\n"))
+    elif moment == "half written":
+        _poll(process, lambda: written() >= len(long_run.output) // 2)
+    elif moment == "all rows written":
+        _poll(process, lambda: written() >= len(long_run.output) or renamed())
+    elif moment == "output renamed":
+        _poll(process, renamed)
+
+
+def _outcome(process: subprocess.Popen, sig: int, folder: Path, long_run: _LongRun) -> str:
+    out, err = process.communicate(timeout=60)
+    left = _leftovers(folder)
+    files = _files(folder)
+    if process.returncode == 128 + sig and files == _OLD and not out and not left and "no output written" in err:
+        return "interrupted"
+    if process.returncode == -sig and files == _OLD and not out and not left:
+        return "killed"
+    new = {"out.csv": long_run.output, "out.errors.csv": long_run.errors}
+    if process.returncode == 0 and files == new and not left and _summary(out)["rows_read"] == str(_LONG_ROWS):
+        return "completed, signal noted" if "came after the output was in place" in err else "completed"
+    state = "old" if files == _OLD else "new" if files == new else "mixed"
+    return f"exit {process.returncode}, files {state}, left {left}: {err.strip().splitlines()[-1:]}"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_a_signal_at_any_moment_leaves_the_files_all_old_or_all_new(tmp_path, long_run, sig):
+    outcomes = {}
+    for index, moment in enumerate(_MOMENTS):
+        folder = _with_old_files(tmp_path / str(index))
+        process = _start_score(long_run.input, folder / "out.csv", "--model-dir", long_run.model_dir, *_LONG_ARGS)
+        try:
+            _wait_for(moment, process, folder, long_run)
+        except BaseException:
+            process.kill()
+            process.communicate()
+            raise
+        process.send_signal(sig)
+        outcomes[moment] = _outcome(process, sig, folder, long_run)
+    print(sig.name, outcomes, collections.Counter(outcomes.values()))
+    assert {m: o for m, o in outcomes.items() if o not in _MOMENTS[m]} == {}, outcomes
+    # The data work is long enough to be interrupted: every moment up to the last chunk stopped the run.
+    assert list(outcomes.values())[1:5] == ["interrupted"] * 4
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_a_signal_while_the_server_does_not_answer_ends_the_run_at_once(tmp_path, sig):
+    source = _write_csv(tmp_path / "in.csv", "x1,x2", ["0,1"])
+    _with_old_files(tmp_path)
+    with socket.socket() as silent:  # accepts the connection, never answers: the request waits for its deadline
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        silent.settimeout(60)
+        url = f"127.0.0.1:{silent.getsockname()[1]}"
+        process = _start_score(source, tmp_path / "out.csv", "--url", url, "--retries", 0, "--timeout-s", 300)
+        try:
+            connection, _ = silent.accept()  # the run is in its first call to the server
+        except BaseException:
+            process.kill()
+            process.communicate()
+            raise
+        with connection:
+            sent = time.monotonic()
+            process.send_signal(sig)
+            _, err = process.communicate(timeout=60)
+            waited = time.monotonic() - sent
+    assert process.returncode == 128 + sig, err
+    assert waited < 10  # not the request's 300 s deadline
+    assert _files(tmp_path) == _OLD
+    assert _leftovers(tmp_path) == []
+
+
+_SIGNAL_AT = textwrap.dedent(
+    """
+    import os, signal, sys
+    from serving.cli import main as cli
+    from serving.scoring import writers
+
+    point, sig = sys.argv[1], getattr(signal, sys.argv[2])
+
+    def send():
+        os.kill(os.getpid(), sig)
+
+    if point == "syncing":  # the files are complete; the renames come next
+        sync = writers.AtomicPath.sync
+
+        def synced(self):
+            sync(self)
+            send()
+
+        writers.AtomicPath.sync = synced
+    elif point == "between the renames":
+        replace, done = os.replace, []
+
+        def replaced(source, target):
+            replace(source, target)
+            done.append(target)
+            if len(done) == 1:  # the errors file is in place, the output not yet
+                send()
+
+        os.replace = replaced
+    elif point == "after the commit":
+        commit = writers.Outputs.commit
+
+        def committed(self):
+            commit(self)
+            send()
+
+        writers.Outputs.commit = committed
+    sys.exit(cli.main(["score", *sys.argv[3:]]))
+    """
+)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+@pytest.mark.parametrize("point", ["syncing", "between the renames", "after the commit"])
+def test_a_signal_during_the_commit_leaves_both_files_old_or_both_new(tmp_path, model_dir, point, sig):
+    source = _write_csv(tmp_path / "in.csv", "x1,x2", ["0,1", "1,0"])
+    folder = _with_old_files(tmp_path / "out")
+    done = subprocess.run(
+        [sys.executable, "-c", _SIGNAL_AT, point, sig.name, source, folder / "out.csv", "--model-dir", model_dir],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=120,
+    )
+    assert _leftovers(folder) == []
+    if point == "syncing":  # before the renames: the run stops
+        assert done.returncode == 128 + sig, done.stderr
+        assert _files(folder) == _OLD
+    else:  # once the first rename is done, the second one is too, and the run reports what it wrote
+        assert done.returncode == 0, done.stderr
+        assert _summary(done.stdout)["rows_scored"] == "2"
+        assert f"{sig.name} came after the output was in place" in done.stderr
+        assert (folder / "out.csv").read_text().startswith("x1,x2,probability,label\n0,1,")
+        assert (folder / "out.errors.csv").read_text() == "row,reason,detail\n"
+
+
+@pytest.fixture
+def sigterm_fails():
+    """SIGTERM in this process fails the test instead of ending pytest, if the code under test lets it through."""
+
+    def reached_pytest(signum, frame):
+        raise AssertionError("SIGTERM reached the test's own handler")
+
+    previous = signal.signal(signal.SIGTERM, reached_pytest)
+    yield reached_pytest
+    signal.signal(signal.SIGTERM, previous)
+
+
+def test_a_failure_while_a_signal_is_pending_exits_with_the_signals_status(
+    tmp_path, score, model_dir, monkeypatch, sigterm_fails
+):
+    source = _write_csv(tmp_path / "in.csv", "x1,x2", ["0,1"])
+    _with_old_files(tmp_path)
+
+    def loading(self, *args, **kwargs):  # as an extension module does when a signal cuts its import short
+        try:
+            signal.raise_signal(signal.SIGTERM)
+        except KeyboardInterrupt as exc:
+            raise ImportError("initialization failed") from exc
+
+    monkeypatch.setattr(backends.InProcessScorer, "__init__", loading)
+    handlers = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    status, out, err = score(source, tmp_path / "out.csv", "--model-dir", model_dir)
+    assert (status, out, err) == (143, "", "xorserve score: interrupted by SIGTERM; no output written\n")
+    assert _files(tmp_path) == _OLD
+    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == handlers  # given back
+
+
+def test_a_signal_swallowed_on_the_way_still_stops_the_run_before_its_commit(tmp_path, score, model_dir, monkeypatch):
+    pq.write_table(pa.table({"x1": [0.0] * 3000, "x2": [1.0] * 3000}), tmp_path / "in.parquet")
+    _with_old_files(tmp_path)
+    real = writers.CsvSink.write
+
+    def write(self, table):
+        real(self, table)
+        with contextlib.suppress(KeyboardInterrupt):  # a library that catches too much: the run goes on
+            signal.raise_signal(signal.SIGINT)
+
+    monkeypatch.setattr(writers.CsvSink, "write", write)
+    status, out, err = score(
+        tmp_path / "in.parquet", tmp_path / "out.csv", "--model-dir", model_dir, "--chunk-rows", 1000
+    )
+    assert (status, out, err) == (130, "", "xorserve score: interrupted; no output written\n")
+    assert _files(tmp_path) == _OLD
+    assert _leftovers(tmp_path) == []
+
+
+def test_a_deferred_step_runs_to_its_end_and_then_raises_the_signal(sigterm_fails):
+    steps = []
+    with interrupts.Guard() as guard:
+        guard.arm()
+        with pytest.raises(interrupts.Interrupted) as raised, interrupts.deferred():
+            signal.raise_signal(signal.SIGTERM)
+            steps.append("after the signal")
+            signal.raise_signal(signal.SIGINT)  # a second one is only noted
+            steps.append("after the second")
+        assert raised.value.signum == signal.SIGTERM
+        assert guard.received == signal.SIGTERM
+        signal.raise_signal(signal.SIGINT)  # the clean-up is under way: only noted
+        steps.append("cleaned up")
+        with pytest.raises(interrupts.Interrupted), interrupts.committing():
+            steps.append("committed")  # never: no commit after a signal
+    assert steps == ["after the signal", "after the second", "cleaned up"]
+    assert signal.getsignal(signal.SIGTERM) is sigterm_fails  # given back
+
+
+def test_a_signal_while_a_failure_is_cleaned_up_waits_for_the_next_check(sigterm_fails):
+    steps = []
+    with interrupts.Guard() as guard:
+        guard.arm()
+        try:
+            raise OSError("disk full")
+        except OSError:
+            signal.raise_signal(signal.SIGTERM)  # the failure's clean-up runs to its end
+            steps.append("cleaned up")
+        assert guard.received == signal.SIGTERM
+        with pytest.raises(interrupts.Interrupted):
+            interrupts.check()
+    assert steps == ["cleaned up"]
+
+
+def _dead_pid() -> int:
+    done = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    return int(done.stdout)
+
+
+def test_temporary_files_of_dead_runs_are_removed_those_of_live_ones_kept(tmp_path, score, model_dir):
+    source = _write_csv(tmp_path / "in.csv", "x1,x2", ["0,1"])
+    host, dead, alive = writers.host_name(), _dead_pid(), os.getpid()
+    names = {
+        f".out.csv.{dead}@{host}.0123abcd.partial": "removed",  # a killed run's, on this host
+        f".out.errors.csv.{dead}@{host}.4567cdef.partial": "removed",
+        f".out.errors.csv.{dead}@{host}.89abcdef.previous": "removed",  # killed between the renames
+        f".out.csv.{alive}@{host}.0123abcd.partial": "kept",  # a run still going: this process's PID
+        f".out.csv.{dead}@other-{host}.0123abcd.partial": "kept",  # another machine's: our PIDs say nothing of it
+        f".other.csv.{dead}@{host}.0123abcd.partial": "kept",  # another output's
+        ".out.csv.0123abcd.partial": "kept",  # no PID: no telling
+    }
+    for name in names:
+        (tmp_path / name).write_text("half a file")
+    assert score(source, tmp_path / "out.csv", "--model-dir", model_dir)[0] == 0
+    assert _leftovers(tmp_path) == sorted(name for name, fate in names.items() if fate == "kept")
+
+
+@pytest.mark.slow
+def test_a_killed_runs_temporary_files_are_removed_by_the_next_run(tmp_path, long_run, score):
+    folder = _with_old_files(tmp_path / "out")
+    process = _start_score(long_run.input, folder / "out.csv", "--model-dir", long_run.model_dir, *_LONG_ARGS)
+    _poll(process, lambda: _size(folder, ".out.csv.*.partial") > 0)  # writing
+    process.kill()
+    process.communicate()
+    left = _leftovers(folder)
+    assert len(left) == 2, left
+    assert all(f".{process.pid}@{writers.host_name()}." in name for name in left), left
+    assert _files(folder) == _OLD
+    source = _write_csv(tmp_path / "in.csv", "x1,x2", ["0,1"])
+    assert score(source, folder / "out.csv", "--model-dir", long_run.model_dir)[0] == 0
+    assert _leftovers(folder) == []
+
+
 # --- usage errors -------------------------------------------------------------------------------------
 
 
@@ -589,6 +973,7 @@ def test_help_documents_the_exit_statuses(capsys):
     assert "exit status:" in text
     assert "0  every row scored" in text and "1  some rows rejected" in text and "2  bad arguments" in text
     assert "3  the server or its model could not be reached" in text
+    assert "130 interrupted (SIGINT, Ctrl-C)" in text and "143 terminated (SIGTERM)" in text
 
 
 # --- bounded memory -----------------------------------------------------------------------------------
@@ -668,3 +1053,17 @@ def test_peak_memory_does_not_grow_with_the_file(tmp_path, model_dir):
     # Four times the rows may cost a little more (allocator slack: up to ~25 MiB measured), never a share of
     # the file's size: a reader that keeps what it read grows by ~3/4 of the file (95-100 MiB measured).
     assert whole - quarter < file_mib / 2 < one_chunk - whole, (quarter, whole, one_chunk, file_mib)
+
+
+@pytest.mark.slow
+def test_two_runs_writing_the_same_output_at_once_keep_each_others_files(tmp_path, long_run):
+    folder = _with_old_files(tmp_path / "out")
+    args = (long_run.input, folder / "out.csv", "--model-dir", long_run.model_dir, *_LONG_ARGS)
+    first = _start_score(*args)
+    _poll(first, lambda: _size(folder, ".out.csv.*.partial") > 0)  # the first run is writing
+    second = _start_score(*args)  # starts by removing dead runs' files: not the first run's
+    for process in (first, second):
+        _, err = process.communicate(timeout=120)
+        assert process.returncode == 0, err.strip().splitlines()[-1:]
+    assert _files(folder) == {"out.csv": long_run.output, "out.errors.csv": long_run.errors}
+    assert _leftovers(folder) == []

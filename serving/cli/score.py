@@ -17,7 +17,17 @@ exit status:
      be written, a model folder that does not load, a request the server refuses as invalid): one line
      on stderr; nothing written (an existing OUTPUT or errors file is left as it was)
   3  the server or its model could not be reached: one line on stderr; nothing written
-  130 interrupted (Ctrl-C): nothing written
+  130 interrupted (SIGINT, Ctrl-C): nothing written
+  143 terminated (SIGTERM): nothing written
+
+A signal may come at any moment: the run stops, removes its temporary files and leaves OUTPUT and the
+errors file as they were. The two renames that put the files in place are one step that a signal waits
+for: one that comes during or after them finds the run complete, and it exits 0 or 1 with both files
+new, as its summary line says. A run killed outright (SIGKILL) leaves its hidden
+`.NAME.PID@HOST.XXXXXXXX.partial` files behind; the next run that writes NAME removes them once no
+process PID lives on HOST. Only a signal in Python's own start-up, before this command has begun (its
+first ~0.1 s, no file opened yet), ends the process the default way: killed by the signal, which a
+shell also reports as 130 or 143.
 """
 
 from __future__ import annotations
@@ -26,6 +36,7 @@ import argparse
 import logging
 import os
 import shlex
+import signal
 import sys
 import time
 from pathlib import Path
@@ -212,6 +223,7 @@ def _paths(args: argparse.Namespace) -> tuple[Path, Path]:
 
 def score(args: argparse.Namespace) -> Summary:
     """Scores args.input into args.output (and the errors file); raises on failure, leaving neither."""
+    from serving.scoring import interrupts
     from serving.scoring.pipeline import score_chunks
     from serving.scoring.readers import detect_format, open_source
     from serving.scoring.writers import Outputs
@@ -233,19 +245,22 @@ def score(args: argparse.Namespace) -> Summary:
         _check_columns(source.schema, names, args.input)
         schema = _output_schema(source.schema, names, typed_features)
         with _open_scorer(args, len(names)) as scorer:
+            interrupts.check()  # a signal noted while loading (e.g. in a library's `except:`) stops the run now
+            log.debug("event=score_backend_ready %s", scorer.description)
             started = time.perf_counter()  # the data work: the model is loaded, the server reached
-            with Outputs(output, out_format, schema, errors) as outputs, _progress_bar(args, source.total_rows) as bar:
-                summary = score_chunks(
-                    source.chunks(),
-                    scorer.probabilities,
-                    outputs.rows.write,
-                    outputs.rejects.write,
-                    feature_names=names,
-                    typed_features=typed_features,
-                    concurrency=args.concurrency,
-                    progress=bar.update,
-                )
-                outputs.commit()
+            with Outputs(output, out_format, schema, errors) as outputs:
+                with _progress_bar(args, source.total_rows) as bar:
+                    summary = score_chunks(
+                        source.chunks(),
+                        scorer.probabilities,
+                        outputs.rows.write,
+                        outputs.rejects.write,
+                        feature_names=names,
+                        typed_features=typed_features,
+                        concurrency=args.concurrency,
+                        progress=bar.update,
+                    )
+                outputs.commit()  # the last step that can fail the run (or a signal stop it)
             summary.seconds = time.perf_counter() - started  # up to the files closed and in place
             log.info(
                 "event=score_done %s rows=%d max_rows_held=%d seconds=%.3f",
@@ -259,21 +274,58 @@ def score(args: argparse.Namespace) -> Summary:
     return summary
 
 
-def run(args: argparse.Namespace) -> int:
-    from serving.client import InferenceError
+def _runs_the_program() -> bool:
+    """Whether this is the `xorserve` program (`python -m serving.cli`, the console script), which ends when
+    the command returns; not a call from other code (a test, an embedding), which keeps its own handlers."""
+    from serving.cli.main import main
 
+    return getattr(sys.modules.get("__main__"), "main", None) is main
+
+
+def _attempt(args: argparse.Namespace, guard) -> Summary | BaseException:
+    """score(), or what it raised (a signal's exception too, wherever it landed); then the outcome is decided.
+
+    A successful run decided it when its files were renamed into place (see serving.scoring.interrupts).
+    """
     try:
-        summary = score(args)
-    except KeyboardInterrupt:
+        guard.arm()  # raises a signal that came while the handlers were being installed
+        log.debug("event=score_start pid=%d", os.getpid())
+        return score(args)
+    except BaseException as exc:
+        guard.settle()  # handling an exception: a signal meanwhile is only noted, and from here on too
+        return exc
+
+
+def run(args: argparse.Namespace) -> int:
+    from serving.scoring.interrupts import Guard
+
+    with Guard(to_exit=_runs_the_program()) as guard:  # signals are held until _attempt arms it
+        outcome = _attempt(args, guard)
+    if isinstance(outcome, BaseException) and guard.committed:
+        # The files are in place and something failed after that (a back-end that would not close).
+        print(f"xorserve score: error after OUTPUT was written: {_one_line(outcome)}", file=sys.stderr)
+        return USAGE
+    if guard.received is not None and not guard.committed:
+        # Any failure while a signal is pending is the signal's doing (e.g. an import it cut short).
+        name = signal.Signals(guard.received).name
+        what = "interrupted" if guard.received == signal.SIGINT else f"interrupted by {name}"
+        print(f"xorserve score: {what}; no output written", file=sys.stderr)
+        return 128 + guard.received
+    if isinstance(outcome, KeyboardInterrupt):  # no handler of ours (another thread): still Ctrl-C
         print("xorserve score: interrupted; no output written", file=sys.stderr)
         return INTERRUPTED
-    except InferenceError as exc:
-        print(f"xorserve score: error: the server at {args.url}: {_one_line(exc)}", file=sys.stderr)
-        return exc.exit_code
-    except Exception as exc:
-        log.debug("event=score_failed", exc_info=True)
-        print(f"xorserve score: error: {_one_line(exc)}", file=sys.stderr)
+    if isinstance(outcome, BaseException):
+        from serving.client import InferenceError
+
+        if isinstance(outcome, InferenceError):
+            print(f"xorserve score: error: the server at {args.url}: {_one_line(outcome)}", file=sys.stderr)
+            return outcome.exit_code
+        if not isinstance(outcome, Exception):
+            raise outcome  # SystemExit and the like: not ours to map
+        log.debug("event=score_failed", exc_info=outcome)
+        print(f"xorserve score: error: {_one_line(outcome)}", file=sys.stderr)
         return USAGE
+    summary = outcome
     output, errors = _paths(args)
     rate = summary.rows_read / summary.seconds if summary.seconds > 0 else 0.0
     print(
@@ -282,4 +334,7 @@ def run(args: argparse.Namespace) -> int:
         f"rows_per_s={rate:.0f}",
         flush=True,
     )
+    if guard.received is not None:
+        name = signal.Signals(guard.received).name
+        print(f"xorserve score: {name} came after the output was in place; the run is complete", file=sys.stderr)
     return CHECK_FAILED if summary.rows_rejected else OK

@@ -6,4 +6,5 @@
 - `backends`: ONNX Runtime in-process, or a server over the Open Inference Protocol;
 - `writers`: the output and the errors file, written under temporary names and renamed at the end;
 - `pipeline`: read -> validate -> score (N in flight) -> write in input order, with bounded memory.
+- `interrupts`: SIGINT and SIGTERM stop a run cleanly; the steps that must not be cut in two wait for them.
 """

@@ -5,6 +5,8 @@ chunks ahead (Arrow), a pool of `concurrency` threads scores them (ONNX Runtime 
 their output rows, and the calling thread hands those to the writer in input order. At most
 `concurrency + PREFETCH + 1` chunks are between reading and writing at once, whatever the file's
 size (`Summary.max_rows_held` reports the most rows); what a writer buffers is its own bound.
+The calling thread only ever waits on locks (a queue, a future, a join), which a signal interrupts: a
+SIGINT or SIGTERM stops the pipeline within about a chunk's work (`serving.scoring.interrupts`).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 
+from serving.scoring import interrupts
 from serving.scoring.readers import Chunk
 from serving.scoring.validate import Features, features
 
@@ -150,6 +153,7 @@ def score_chunks(
         return _Prepared(chunk, found, kept)
 
     def finish(prepared: _Prepared, future: Future) -> None:
+        interrupts.check()  # a signal that could only be noted (see interrupts) stops the run at the next chunk
         table = future.result()
         write(table)
         rejects = prepared.chunk.malformed + prepared.features.rejects
@@ -173,9 +177,10 @@ def score_chunks(
         while pending:
             finish(*pending.popleft())
     finally:
-        reader.close()
-        # Do not wait for requests still in flight: closing the back-end cancels them.
-        pool.shutdown(wait=False, cancel_futures=True)
+        with interrupts.deferred():  # a signal now (SIGINT, SIGTERM) waits until both threads are told to stop
+            reader.close()
+            # Do not wait for requests still in flight: closing the back-end cancels them.
+            pool.shutdown(wait=False, cancel_futures=True)
     if summary.rows_read != summary.rows_scored + summary.rows_rejected:
         raise AssertionError(f"rows unaccounted for: {summary}")
     summary.max_rows_held = held.most

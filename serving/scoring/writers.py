@@ -1,9 +1,12 @@
 """Output and errors files, written under a temporary name in the destination's folder and renamed at the end.
 
 A run that fails or is interrupted leaves nothing under the output's name: `discard()` removes the
-temporary file, and even a killed process only leaves a hidden `.NAME.XXXXXXXX.partial` behind. The
-output and errors files are renamed into place together (`commit_all`): if the second rename fails,
-the first name gets back what it held before.
+temporary file. A process killed outright (SIGKILL, a crash) leaves its hidden
+`.NAME.PID@HOST.XXXXXXXX.partial` behind; the next run that writes NAME removes it, once no process PID
+lives on HOST (a file of a run still going, in this process or another, is never touched). The output
+and errors files are renamed into place together (`commit_all`): if the second rename fails, the first
+name gets back what it held before. Signals wait for the steps that must not be cut in two
+(`serving.scoring.interrupts`): creating and registering the temporary files, removing them, the renames.
 CSV is written chunk by chunk with Arrow, values quoted only where they need it. Parquet uses
 dictionary encoding for text columns only: on numbers (scores, labels, ids) it costs a hash lookup
 per value, and snappy already squeezes the 0/1 labels.
@@ -15,8 +18,10 @@ import contextlib
 import csv
 import io
 import os
+import re
 import secrets
 import shutil
+import socket
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
@@ -25,19 +30,71 @@ import pyarrow.compute as pc
 import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
 
+from serving.scoring import interrupts
 from serving.scoring.readers import COMPRESSIONS
 from serving.scoring.validate import Reject
 
 
+def host_name() -> str:
+    """This host's name as temporary files carry it (letters, digits and dashes)."""
+    return re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname())[:32]
+
+
+def _owner() -> str:
+    """`PID@HOST`: who writes a temporary file, so that a later run can tell whether the writer still lives."""
+    return f"{os.getpid()}@{host_name()}"
+
+
+def _alive(pid: int) -> bool:
+    if pid <= 0:
+        return True  # not a process's number: never guess
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True  # e.g. EPERM: it lives, under another user
+    return True
+
+
+def remove_stale(final: str | Path) -> list[Path]:
+    """Removes the temporary files left beside `final` by runs that died on this host; returns them.
+
+    Only names of our own making (`.NAME.PID@HOST.XXXXXXXX.partial` or `.previous`) whose HOST is this one
+    and whose PID no longer lives: a run still going, here or on another machine sharing the folder, keeps
+    its files. (A PID taken again by a new process keeps a dead run's file until that process ends too.)
+    """
+    final = Path(final)
+    pattern = re.compile(rf"\.{re.escape(final.name)}\.(\d+)@([A-Za-z0-9-]*)\.[0-9a-f]{{8}}\.(?:partial|previous)")
+    host, removed = host_name(), []
+    try:
+        names = os.listdir(final.parent)
+    except OSError:
+        return removed
+    for name in names:
+        match = pattern.fullmatch(name)
+        if match is None or match[2] != host or _alive(int(match[1])):
+            continue
+        path = final.parent / name
+        with contextlib.suppress(FileNotFoundError):  # another run may have removed it first
+            path.unlink()
+            removed.append(path)
+    return removed
+
+
 class AtomicPath:
-    """A temporary file beside `final`, renamed onto it by `commit_all()` or removed by `discard()`."""
+    """A temporary file beside `final`, renamed onto it by `commit_all()` or removed by `discard()`.
+
+    Its name carries the writer's PID and host, so that a run that is killed outright can be cleaned up
+    after (`remove_stale`, which the constructor calls first)."""
 
     def __init__(self, final: str | Path):
         self.final = Path(final)
         folder = self.final.parent
         if not folder.is_dir():
             raise FileNotFoundError(f"output folder {folder} does not exist")
-        self.temp = folder / f".{self.final.name}.{secrets.token_hex(4)}.partial"
+        remove_stale(self.final)
+        self.temp = folder / f".{self.final.name}.{_owner()}.{secrets.token_hex(4)}.partial"
         # O_EXCL: never write over someone else's file; mode 0o666 lets the umask decide, as for any new file.
         os.close(os.open(self.temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
 
@@ -52,7 +109,7 @@ class AtomicPath:
         """A second name for what `final` holds now (None if nothing), so that a rename onto it can be undone."""
         if not os.path.lexists(self.final):
             return None
-        previous = self.final.parent / f".{self.final.name}.{secrets.token_hex(4)}.previous"
+        previous = self.final.parent / f".{self.final.name}.{_owner()}.{secrets.token_hex(4)}.previous"
         try:
             os.link(self.final, previous, follow_symlinks=False)  # free: no data copied
         except OSError:
@@ -67,10 +124,16 @@ def commit_all(paths: list[AtomicPath]) -> None:
     """Renames each temporary file onto its name, in order: all of them, or, if one rename fails, none.
 
     A name renamed before the failure gets back what it held (or is removed if it held nothing); the
-    exception is raised again. Only a crash between two renames can leave the first one done.
+    exception is raised again. Only a crash between two renames can leave the first one done: a signal
+    waits for the renames, and one that came before them stops the run first (`interrupts.committing`).
     """
     for path in paths:
         path.sync()
+    with interrupts.committing():
+        _rename_all(paths)
+
+
+def _rename_all(paths: list[AtomicPath]) -> None:
     renamed: list[tuple[AtomicPath, Path | None]] = []
     try:
         for index, path in enumerate(paths):
@@ -147,9 +210,10 @@ class ParquetSink:
 
     def abort(self) -> None:
         """Stops without writing what is still gathered (the file is about to be discarded)."""
-        self._pending = []
-        self._encoder.shutdown()  # waits for a row group being encoded: the writer is not thread-safe
-        self._writer.close()
+        with interrupts.deferred():  # both steps, even when a signal comes meanwhile
+            self._pending = []
+            self._encoder.shutdown()  # waits for a row group being encoded: the writer is not thread-safe
+            self._writer.close()
 
 
 class CsvSink:
@@ -207,24 +271,30 @@ class ErrorsSink:
 
 
 class Outputs:
-    """A run's output and errors files: nothing under their names until `commit()`; discarded on an exception."""
+    """A run's output and errors files: nothing under their names until `commit()`; discarded on an exception.
+
+    The temporary files are created on entering the `with` block (signals held back meanwhile), so that
+    none exists without the block's exit to remove it.
+    """
 
     def __init__(self, output: str | Path, fmt: str, schema: pa.Schema, errors: str | Path):
+        self._targets = (Path(output), fmt, schema, Path(errors))
         self._paths: list[AtomicPath] = []
         self._sinks: list = []
-        try:
-            self._paths += [AtomicPath(output), AtomicPath(errors)]
-            self.rows = open_sink(self._paths[0], fmt, schema)
-            self._sinks.append(self.rows)
-            self.rejects = ErrorsSink(self._paths[1])
-            self._sinks.append(self.rejects)
-        except BaseException:
-            self.discard()
-            raise
+
+    def _open(self) -> None:
+        output, fmt, schema, errors = self._targets
+        for final in (output, errors):
+            self._paths.append(AtomicPath(final))
+        self.rows = open_sink(self._paths[0], fmt, schema)
+        self._sinks.append(self.rows)
+        self.rejects = ErrorsSink(self._paths[1])
+        self._sinks.append(self.rejects)
 
     def commit(self) -> None:
         while self._sinks:
-            self._sinks.pop().close()
+            self._sinks[-1].close()
+            self._sinks.pop()  # after close(): a sink that fails to close is aborted by discard()
         output, errors = self._paths
         # The output last: an output under its name always has its own run's errors file beside it,
         # even if the process is killed between the two renames.
@@ -232,15 +302,22 @@ class Outputs:
         self._paths = []
 
     def discard(self) -> None:
-        for sink in self._sinks:
-            with contextlib.suppress(Exception):  # the failure that got us here is the one to report
-                sink.abort()
-        self._sinks = []
-        for path in self._paths:
-            path.discard()
-        self._paths = []
+        with interrupts.deferred():  # a signal now must not leave a temporary file behind
+            for sink in self._sinks:
+                with contextlib.suppress(Exception):  # the failure that got us here is the one to report
+                    sink.abort()
+            self._sinks = []
+            for path in self._paths:
+                path.discard()
+            self._paths = []
 
     def __enter__(self) -> Outputs:
+        try:
+            with interrupts.deferred():
+                self._open()
+        except BaseException:
+            self.discard()
+            raise
         return self
 
     def __exit__(self, kind, value, traceback) -> None:
