@@ -10,6 +10,20 @@ gets exactly its own rows. A request larger than `max_batch_size` runs alone. A 
 passed while it was queued is failed with DEADLINE_EXCEEDED and never run. A full queue refuses new
 requests (UNAVAILABLE). With batching disabled each request is its own batch.
 
+Only requests whose inputs agree in every dimension but the first share a batch: a model may have
+dynamic dimensions besides the batch axis, and requests that differ in one cannot be concatenated. A
+batch takes the oldest request and those behind it of the same shapes; the others keep their places in
+the queue for a batch of their own. Only inputs declared with such a dynamic dimension are compared (a
+tuple slice and comparison per request, see `_varying_inputs`); where every dimension after the first
+is fixed, the decoder has made all requests agree already and batches form as they always did. The
+queue's rows of every shape count when a batch is closed early for being full, so under a mix of
+shapes and a queue delay, batches can close before they fill.
+
+A batch that fails as a whole does not fail its requests: it runs again in halves, and a half that
+fails in halves again, down to single requests (`_Apart`), so that each request gets the outcome it
+would have had on its own (one failing request among n costs about 2 log2(n) more runs). Only a
+request that fails alone is answered with an error: its own.
+
 Batches are formed on the event loop when something changes (a request arrives, an instance frees
 up, the oldest request's delay runs out): no task or timer per request, at most one timer at a time.
 
@@ -32,7 +46,7 @@ import sys
 import threading
 import time
 from collections import deque
-from collections.abc import Awaitable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -71,6 +85,65 @@ class _Request:
         self.deadline: float | None = deadline
         self.enqueued: float = enqueued
         self.future: asyncio.Future = future
+
+
+class _Apart:
+    """The outcome of a batch that failed as a whole and was run again in parts (see the module docstring).
+
+    `answers[i]` is what the batch's request i gets: its own rows of every output, or the exception of its
+    run alone. `runs` holds (requests, rows, seconds) of each rerun, for the batch metrics.
+    """
+
+    __slots__ = ("answers", "runs")
+
+    def __init__(self) -> None:
+        self.answers: list[list[np.ndarray] | BaseException] = []
+        self.runs: list[tuple[int, int, float]] = []
+
+
+def _varying_inputs(sessions: Sequence, input_names: Sequence[str]) -> tuple[str, ...]:
+    """The inputs whose dimensions after the first may differ between requests: those the session declares
+    (ONNX Runtime's `get_inputs()`) with such a dimension not a fixed number, and every input of a session
+    that declares nothing. Requests agree on the fixed dimensions already: the decoder refuses any other."""
+    get_inputs = getattr(sessions[0], "get_inputs", None) if sessions else None
+    if get_inputs is None:
+        return tuple(input_names)
+    declared = {arg.name: arg.shape for arg in get_inputs()}
+
+    def fixed(shape) -> bool:
+        return bool(shape) and all(isinstance(d, int) and d >= 0 for d in shape[1:])
+
+    return tuple(name for name in input_names if not fixed(declared.get(name)))
+
+
+def _shapes_of(names: tuple[str, ...]) -> Callable[[dict[str, np.ndarray]], tuple] | None:
+    """What a batch compares between its requests: the dimensions after the first of the inputs `names`
+    (`_varying_inputs`); None when there is nothing to compare."""
+    if not names:
+        return None
+    if len(names) == 1:
+        (name,) = names
+
+        def shape(inputs: dict[str, np.ndarray]) -> tuple:
+            return inputs[name].shape[1:]
+
+        return shape
+
+    def shapes(inputs: dict[str, np.ndarray]) -> tuple:
+        return tuple([inputs[name].shape[1:] for name in names])
+
+    return shapes
+
+
+def _own_rows(batch: list[_Request], outputs: list[np.ndarray]) -> list[list[np.ndarray]]:
+    """Each request's own rows of every output of a batch that ran."""
+    answers = []
+    start = 0
+    for request in batch:
+        end = start + request.rows
+        answers.append([output[start:end] for output in outputs])
+        start = end
+    return answers
 
 
 # asyncio keeps the callbacks ready to run in `loop._ready`, a private deque. Coalescing reads its length
@@ -167,6 +240,8 @@ class Batcher:
         self._inline_rows = inline_rows
         self._sessions = list(sessions)
         self._input_names = tuple(input_names)
+        # What must agree between the requests of a batch: the inputs' dimensions after the first.
+        self._shapes = _shapes_of(_varying_inputs(self._sessions, self._input_names))
         self._output_names = list(output_names)
         self._policy = policy
         self._max_rows = policy.max_batch_size if policy.enabled else 1
@@ -304,13 +379,16 @@ class Batcher:
 
     def _run_inline(self, batch: list[_Request]) -> None:
         outputs, error, elapsed = None, None, 0.0
+        session = self._sessions[0]
         try:
             feeds = self._feeds(batch)
             start = time.perf_counter()
-            outputs = self._sessions[0].run(self._output_names, feeds)
+            outputs = session.run(self._output_names, feeds)
             elapsed = time.perf_counter() - start
-        except Exception as exc:  # reported to each caller
+        except Exception as exc:  # reported to each caller, or to the one it belongs to (`_apart`)
             error = exc
+            if len(batch) > 1:
+                outputs, error = self._apart(session, batch), None
         self._complete(batch, outputs, error, elapsed)
 
     def _feeds(self, batch: list[_Request]) -> dict[str, np.ndarray]:
@@ -318,22 +396,59 @@ class Batcher:
             return batch[0].inputs
         return {name: np.concatenate([r.inputs[name] for r in batch]) for name in self._input_names}
 
+    def _apart(self, session, batch: list[_Request]) -> _Apart:
+        """Runs a batch that failed as a whole again in halves, down to single requests where a half fails
+        too, so that each request gets its own outcome (see the module docstring). Runs where the batch ran
+        (an instance thread or the event loop) and touches no future: the loop answers from the result."""
+        apart = _Apart()
+        self._run_halves(session, batch, apart)
+        return apart
+
+    def _run_halves(self, session, batch: list[_Request], apart: _Apart) -> None:
+        half = len(batch) // 2
+        for part in (batch[:half], batch[half:]):
+            start = time.perf_counter()
+            try:
+                outputs = session.run(self._output_names, self._feeds(part))
+            except Exception as exc:
+                apart.runs.append((len(part), sum(r.rows for r in part), 0.0))  # as a failed batch counts
+                if len(part) == 1:
+                    apart.answers.append(exc)
+                else:
+                    self._run_halves(session, part, apart)
+                continue
+            apart.runs.append((len(part), sum(r.rows for r in part), time.perf_counter() - start))
+            apart.answers.extend(_own_rows(part, outputs) if len(part) > 1 else [outputs])
+
     def _on_timer(self) -> None:
         self._timer = None
         self._dispatch()
 
     def _take(self, now: float, max_rows: int, in_thread: bool) -> list[_Request]:
-        """Pops the next batch: whole requests up to `max_rows` rows (one request alone if it is bigger).
-        A batch for the event loop (`in_thread` False) stops before a request too large to run there,
-        which can come first once a cancelled or expired head is dropped: `_dispatch` places it."""
+        """Pops the next batch: whole requests of the oldest one's shapes up to `max_rows` rows (one request
+        alone if it is bigger); requests of other shapes stay queued, in order. A batch for the event loop
+        (`in_thread` False) stops before a request too large to run there, which can come first once a
+        cancelled or expired head is dropped: `_dispatch` places it."""
         batch: list[_Request] = []
         rows = 0
+        shape_of = self._shapes  # None: the requests of this model always agree
+        shapes = None  # the batch's, read once a second request is considered
+        other: list[_Request] | None = None  # requests of other shapes passed over, put back in order at the end
         pending = self._pending
         queue_seconds = self._metrics.queue_seconds if self._metrics is not None else None
         while pending:
             request = pending[0]
-            if batch and rows + request.rows > max_rows:
-                break
+            if batch:
+                if shape_of is not None:
+                    if shapes is None:
+                        shapes = shape_of(batch[0].inputs)
+                    if shape_of(request.inputs) != shapes:
+                        if other is None:
+                            other = []
+                        other.append(pending.popleft())
+                        continue
+                if rows + request.rows > max_rows:
+                    break
             if not in_thread and request.rows > self._inline_rows:
                 break
             pending.popleft()
@@ -356,6 +471,8 @@ class Batcher:
             rows += request.rows
             if rows >= max_rows:
                 break
+        if other is not None:
+            pending.extendleft(reversed(other))
         if self._timer is not None:  # the timer belonged to the batch just closed
             self._timer.cancel()
             self._timer = None
@@ -371,12 +488,17 @@ class Batcher:
                 start = time.perf_counter()
                 outputs = session.run(output_names, feeds)
                 elapsed = time.perf_counter() - start
-            except Exception as exc:  # reported to each caller; the thread keeps serving
+            except Exception as exc:  # reported to each caller, or to its own (`_apart`); the thread keeps serving
                 error = exc
+                if len(batch) > 1:
+                    outputs, error = self._apart(session, batch), None
             try:
                 self._loop.call_soon_threadsafe(self._finish, index, batch, outputs, error, elapsed)
             except RuntimeError:  # the loop is closed: nobody is waiting any more
                 return
+            # Drop this thread's references now: held until the next batch, a large request's inputs and
+            # outputs would stay in memory for as long as the server is idle.
+            batch = feeds = outputs = error = None
 
     def _finish(self, index: int, batch: list[_Request], outputs, error: BaseException | None, elapsed: float) -> None:
         """Back on the loop after an instance thread ran a batch."""
@@ -386,7 +508,8 @@ class Batcher:
         self._dispatch()
 
     def _complete(self, batch: list[_Request], outputs, error: BaseException | None, elapsed: float) -> None:
-        """Answers each request of a batch that ran: its own rows of every output, or the error."""
+        """Answers each request of a batch that ran: its own rows of every output, or the error; after a
+        batch that failed as a whole (`outputs` an `_Apart`), each request's own outcome."""
         if self._metrics is not None:
             self._metrics.batch(len(batch), sum(r.rows for r in batch), elapsed)
         if error is not None:
@@ -396,6 +519,8 @@ class Batcher:
         elif len(batch) == 1:
             if not batch[0].future.done():
                 batch[0].future.set_result(outputs)
+        elif type(outputs) is _Apart:
+            self._answer_apart(batch, outputs)
         else:
             start = 0
             for request in batch:
@@ -403,6 +528,18 @@ class Batcher:
                 if not request.future.done():
                     request.future.set_result([output[start:end] for output in outputs])
                 start = end
+
+    def _answer_apart(self, batch: list[_Request], apart: _Apart) -> None:
+        if self._metrics is not None:
+            for requests, rows, seconds in apart.runs:
+                self._metrics.batch(requests, rows, seconds)
+        for request, answer in zip(batch, apart.answers, strict=True):
+            if request.future.done():
+                continue
+            if isinstance(answer, BaseException):
+                request.future.set_exception(answer)
+            else:
+                request.future.set_result(answer)
 
     def _check_drained(self) -> None:
         if self._closing and not self._pending and not self._running:
