@@ -50,3 +50,27 @@ def test_the_stores_behind_the_histograms_are_not_shown():
     text = generate_latest(metrics.registry).decode()
     assert "_store" not in text
     assert "# TYPE xorserve_queue_duration_seconds histogram" in text
+
+
+@pytest.mark.parametrize("path", ["/", "/../../etc/passwd", "/metricsx", "/metrics/..", "/favicon.ico"])
+def test_the_metrics_endpoint_answers_404_off_metrics(path):
+    import http.client
+
+    from serving.server.metrics import serve_metrics
+
+    registry = CollectorRegistry()
+    Histogram("xorserve_probe_seconds", "a probe", registry=registry).observe(0.5)
+    server = serve_metrics("127.0.0.1", 0, registry)
+    try:
+        connection = http.client.HTTPConnection("127.0.0.1", server.server_port, timeout=10)
+        connection.request("GET", path)
+        response = connection.getresponse()
+        assert response.status == 404
+        assert b"xorserve_probe" not in response.read()
+        connection.request("GET", "/metrics")
+        page = connection.getresponse()
+        assert page.status == 200
+        assert b"xorserve_probe_seconds_count 1.0" in page.read()
+    finally:
+        server.shutdown()
+        server.server_close()

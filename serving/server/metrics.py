@@ -28,11 +28,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import socket
 import threading
 from collections.abc import Callable, Iterator
+from socketserver import ThreadingMixIn
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 import numpy as np
-from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, make_wsgi_app
 from prometheus_client.core import HistogramMetricFamily, Metric
 
 UNKNOWN_MODEL = "_unknown"
@@ -309,8 +312,7 @@ class Metrics:
             if multiprocess
             else None
         )
-        self._http = None
-        self._thread: threading.Thread | None = None
+        self._http: WSGIServer | None = None
 
     def observations(self, histogram: str, labels: tuple[str, ...]) -> Observations:
         """The request path's collector of one histogram's observations for one model version."""
@@ -384,7 +386,7 @@ class Metrics:
 
     def serve(self, host: str, port: int) -> int:
         """Starts the HTTP endpoint in a daemon thread; returns the port it listens on."""
-        self._http, self._thread = start_http_server(port, addr=host, registry=self.registry)
+        self._http = serve_metrics(host, port, self.registry)
         return self._http.server_port
 
     def close(self) -> None:
@@ -397,3 +399,36 @@ class Metrics:
             self._http.shutdown()
             self._http.server_close()
             self._http = None
+
+
+METRICS_PATH = "/metrics"
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format: str, *args) -> None:
+        pass  # a line on stderr per scrape would flood the log
+
+
+class _ThreadingWSGIServer(ThreadingMixIn, WSGIServer):
+    daemon_threads = True
+
+
+def serve_metrics(host: str, port: int, registry: CollectorRegistry) -> WSGIServer:
+    """Serves `registry` at GET /metrics (with prometheus_client's `name[]=` filter) in a daemon thread,
+    and 404 at any other path; stop it with `.shutdown()` and `.server_close()`.
+
+    prometheus_client's own start_http_server answers the metrics page for every path, which makes
+    `/../../etc/passwd` look served to a scanner."""
+    metrics_page = make_wsgi_app(registry)
+
+    def app(environ, start_response):
+        if environ.get("PATH_INFO") != METRICS_PATH:
+            start_response("404 Not Found", [("Content-Type", "text/plain; charset=utf-8")])
+            return [f"not found: the metrics are at {METRICS_PATH}\n".encode()]
+        return metrics_page(environ, start_response)
+
+    family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]  # IPv6 hosts too
+    server_class = type("MetricsServer", (_ThreadingWSGIServer,), {"address_family": family})
+    server = make_server(host, port, app, server_class, handler_class=_QuietHandler)
+    threading.Thread(target=server.serve_forever, name="metrics-http", daemon=True).start()
+    return server
