@@ -204,10 +204,10 @@ class ServerThread:
     def metrics_port(self) -> int:
         return self.running.metrics_port
 
-    def stop(self, grace_s: float = 10.0, quiet_s: float = 0.0) -> None:
-        """Stops the server; no quiet period by default (tests stop their clients first)."""
+    def stop(self, grace_s: float = 10.0, catch_up_s: float = 0.0) -> None:
+        """Stops the server; no catch-up period by default (tests stop their clients first)."""
         if self.running is not None:
-            self.call(self.running.stop(grace_s, quiet_s), grace_s + 30)
+            self.call(self.running.stop(grace_s, catch_up_s), grace_s + 30)
             self.running = None
         self._shutdown_loop()
 

@@ -192,6 +192,30 @@ def test_a_message_over_the_size_limit_is_resource_exhausted(server_factory):
     assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
 
 
+@pytest.mark.parametrize("limit", [0, 1000])
+def test_a_request_over_max_request_rows_is_resource_exhausted_unary_and_in_band(server_factory, limit):
+    handle = server_factory(max_request_rows=limit)
+    over = np.ones((1001, 2), np.float32)
+    at = np.zeros((1000, 2), np.float32)
+    with grpc.insecure_channel(handle.address) as channel:
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)
+        assert outputs_of(stub.ModelInfer(infer_request(at)))["logits"].shape == (1000, 1)
+        if limit == 0:  # no limit
+            assert outputs_of(stub.ModelInfer(infer_request(over)))["logits"].shape == (1001, 1)
+            return
+        with pytest.raises(grpc.RpcError) as caught:
+            stub.ModelInfer(infer_request(over))
+        assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert caught.value.details() == (
+            "the request has 1001 rows; this server takes at most 1000 per request (--max-request-rows): split it"
+        )
+        answers = list(stub.ModelStreamInfer(iter([infer_request(over, request_id="big"), infer_request(at)])))
+        assert answers[0].error_message.startswith("RESOURCE_EXHAUSTED: the request has 1001 rows")
+        assert answers[0].infer_response.id == "big"
+        assert not answers[1].error_message
+        assert stub.ModelInfer(infer_request(at)).outputs  # still serving
+
+
 def test_versions_are_addressable_and_empty_means_latest(server_factory, model_builder, tmp_path):
     model_builder(tmp_path / "xor" / "1" / "model.onnx", seed=1)
     model_builder(tmp_path / "xor" / "10" / "model.onnx", seed=10)

@@ -8,6 +8,7 @@ import logging
 import subprocess
 import sys
 import threading
+import time
 
 import grpc
 import numpy as np
@@ -94,6 +95,25 @@ def test_a_model_that_fails_to_load_leaves_the_server_up_and_not_ready(server_fa
         assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
         health = health_pb2_grpc.HealthStub(channel)
         assert health.Check(health_pb2.HealthCheckRequest(service="")).status == NOT_SERVING
+        # Per model: the one that failed to load is known, and NOT_SERVING (not NOT_FOUND).
+        assert health.Check(health_pb2.HealthCheckRequest(service="broken")).status == NOT_SERVING
+        assert health.Check(health_pb2.HealthCheckRequest(service="xor")).status == SERVING
+        with pytest.raises(grpc.RpcError) as unknown:
+            health.Check(health_pb2.HealthCheckRequest(service="nope"))
+        assert unknown.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_without_strict_readiness_a_failed_model_leaves_the_server_ready(server_factory, model_builder, tmp_path):
+    model_builder(tmp_path / "xor" / "1" / "model.onnx", seed=1)
+    (tmp_path / "broken" / "1").mkdir(parents=True)
+    (tmp_path / "broken" / "1" / "model.onnx").write_bytes(b"this is not an ONNX model")
+    handle = server_factory(model_repository=tmp_path, strict_readiness=False)
+    assert handle.running.ready
+    with grpc.insecure_channel(handle.address) as channel:
+        assert pb_grpc.GRPCInferenceServiceStub(channel).ServerReady(pb.ServerReadyRequest()).ready
+        health = health_pb2_grpc.HealthStub(channel)
+        assert health.Check(health_pb2.HealthCheckRequest(service="")).status == SERVING
+        assert health.Check(health_pb2.HealthCheckRequest(service="broken")).status == NOT_SERVING
 
 
 def test_serve_with_device_cuda_and_no_cuda_fails_start_up_loudly(serve_without_cuda):
@@ -127,7 +147,7 @@ def test_the_serve_path_never_imports_torch():
     assert not {name for name in imported if name == "torch" or name.startswith("torch.")}
 
 
-def test_draining_refuses_new_requests_turns_health_not_serving_and_finishes_in_flight_work(gated):
+def test_draining_serves_what_came_first_refuses_later_requests_and_finishes_in_flight_work(gated):
     handle, session = gated
     with grpc.insecure_channel(handle.address) as channel:
         stub = pb_grpc.GRPCInferenceServiceStub(channel)
@@ -135,20 +155,47 @@ def test_draining_refuses_new_requests_turns_health_not_serving_and_finishes_in_
         in_flight = hold(stub, session, rows(4))
         watch = health.Watch(health_pb2.HealthCheckRequest(service=""))
         assert next(watch).status == SERVING
-        stopping = asyncio.run_coroutine_threadsafe(handle.running.stop(30), handle.loop)
+        signalled = time.monotonic()
+        stopping = asyncio.run_coroutine_threadsafe(handle.running.stop(30, catch_up_s=1.0), handle.loop)
         assert next(watch).status == NOT_SERVING
-        watch.cancel()
         assert health.Check(health_pb2.HealthCheckRequest(service="xor")).status == NOT_SERVING
         assert not stub.ServerReady(pb.ServerReadyRequest()).ready
+        # Within the catch-up period a request is still taken (it queues behind the held one)...
+        caught_up = stub.ModelInfer.future(infer_request(rows(3)))
+        assert time.monotonic() - signalled < 0.5
+        # ...after it, a new one is refused: held until the server stops taking calls, or by the transport.
+        time.sleep(max(0.0, signalled + 1.2 - time.monotonic()))
         with pytest.raises(grpc.RpcError) as caught:
             stub.ModelInfer(infer_request(rows(2)))
         assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
-        assert "shutting down" in caught.value.details()
+        assert list(watch) == []  # the Watch stream ended (OK) once the server drained
         session.gate.set()
         response = in_flight.result(30)
+        assert list(caught_up.result(30).outputs[0].shape) == [3, 1]
     stopping.result(60)
     assert list(response.outputs[0].shape) == [4, 1]
-    assert session.batch_rows == [4]
+    assert session.batch_rows == [4, 3]
+
+
+def test_while_refusing_a_new_request_is_held_until_released_then_told_unavailable(server_factory):
+    handle = server_factory()
+    with grpc.insecure_channel(handle.address) as channel:
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)
+        stub.ModelInfer(infer_request(rows(1)))  # connected
+        handle.loop.call_soon_threadsafe(handle.running.plane.refuse)
+        time.sleep(0.05)
+        held = stub.ModelInfer.future(infer_request(rows(1)))
+        short = stub.ModelInfer.future(infer_request(rows(1)), timeout=0.3)
+        with pytest.raises(grpc.RpcError) as refused_early:
+            short.result(10)  # told before its deadline, not DEADLINE_EXCEEDED
+        time.sleep(0.3)
+        assert not held.done()
+        handle.loop.call_soon_threadsafe(handle.running.plane.release)
+        with pytest.raises(grpc.RpcError) as refused:
+            held.result(10)
+    for caught in (refused, refused_early):
+        assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert "shutting down" in caught.value.details()
 
 
 def test_a_request_whose_deadline_passes_in_the_queue_is_not_run(gated):

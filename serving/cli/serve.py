@@ -7,8 +7,9 @@ dynamic batching, beside grpc.health.v1, server reflection and Prometheus metric
     READY grpc=HOST:PORT metrics=HOST:PORT startup_s=SECONDS
 
 (NOT_READY ... failed=MODELS when a model failed to load: the server stays up, live and not ready).
-SIGTERM or SIGINT drains: health turns NOT_SERVING, new requests get UNAVAILABLE, queued and running
-ones finish within --grace-s, and the process exits 0. Exit 2: the server cannot start (a bad flag, a
+SIGTERM or SIGINT drains: health turns NOT_SERVING at once; after --drain-delay-s, new calls are
+refused UNAVAILABLE while every call already accepted is answered; the process exits 0 within
+--grace-s (docs/serving.md, "Draining"). Exit 2: the server cannot start (a bad flag, a
 port in use, --device cuda without CUDA); 1: a worker of --workers died while serving.
 """
 
@@ -66,7 +67,15 @@ def add_arguments(parser: Parser) -> None:
         "--grace-s",
         type=number(float, minimum=0),
         default=30.0,
-        help="on SIGTERM/SIGINT, seconds to finish queued and running requests",
+        help="on SIGTERM/SIGINT, seconds to answer the calls accepted and exit",
+    )
+    flag(
+        parser,
+        "--drain-delay-s",
+        type=number(float, minimum=0),
+        default=0.0,
+        help="on SIGTERM/SIGINT, seconds to go on taking calls (health NOT_SERVING) before refusing new ones, "
+        "while load balancers take the server out (Kubernetes: a few seconds); within --grace-s",
     )
     flag(
         parser,
@@ -74,6 +83,13 @@ def add_arguments(parser: Parser) -> None:
         type=number(int, minimum=1024),
         default=64 * MiB,
         help="largest gRPC message received or sent; larger ones get RESOURCE_EXHAUSTED",
+    )
+    flag(
+        parser,
+        "--max-request-rows",
+        type=number(int, minimum=0),
+        default=1024 * 1024,
+        help="most rows (batch-axis length) of one request; larger ones get RESOURCE_EXHAUSTED; 0: no limit",
     )
     flag(
         parser,
@@ -144,7 +160,9 @@ def config_from_args(args: argparse.Namespace):
         max_queue_size=args.max_queue_size,
         batching=not args.no_batching,
         grace_s=args.grace_s,
+        drain_delay_s=args.drain_delay_s,
         max_message_bytes=args.max_message_bytes,
+        max_request_rows=args.max_request_rows,
         inline_max_us=args.inline_max_us,
         model_control_mode=args.model_control_mode,
         repository_poll_s=args.repository_poll_s,

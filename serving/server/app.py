@@ -8,8 +8,11 @@ model is ready it prints one line to stdout:
     READY grpc=HOST:PORT metrics=HOST:PORT startup_s=SECONDS
 
 (or NOT_READY ... failed=MODELS when a model failed to load; the log says why, and the server stays
-up, live and not ready). SIGTERM or SIGINT: health turns NOT_SERVING, new requests are refused with
-UNAVAILABLE, queued and running ones finish within --grace-s, and the process exits 0.
+up, live and not ready). SIGTERM or SIGINT drains (`RunningServer.stop`, docs/serving.md "Draining"):
+health turns NOT_SERVING at once; after --drain-delay-s of serving as usual, the gRPC server stops
+taking calls (a new one is refused UNAVAILABLE by the transport) while every call it had accepted is
+answered; streams end UNAVAILABLE once they have answered what they read; the process exits 0 within
+--grace-s.
 
 `--workers N` (N > 1) runs N such servers as worker processes on one gRPC port, supervised by a parent
 that restarts a worker that dies (serving.server.workers).
@@ -35,13 +38,13 @@ from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 
 from serving._proto import grpc_service_pb2 as pb
 from serving.runtime import SessionSettings
 from serving.server.batching import BatchPolicy
 from serving.server.dataplane import DataPlane
+from serving.server.health import NOT_SERVING, SERVING, Health
 from serving.server.metrics import Metrics
 from serving.server.models import Models
 from serving.server.servicer import InferenceServicer, add_to_server
@@ -50,10 +53,15 @@ log = logging.getLogger(__name__)
 
 SERVICE = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
 MiB = 1024 * 1024
-# After draining, keep refusing requests (UNAVAILABLE) until none came for QUIET_S, for at most
-# MAX_LINGER_S, before the gRPC server stops (see DataPlane.wait_quiet).
-QUIET_S = 0.5
-MAX_LINGER_S = 5.0
+# The drain's steps (RunningServer.stop). For CATCH_UP_S after the signal (or --drain-delay-s if longer)
+# every request is served: those sent before the signal reach the server within it (they wait in gRPC's
+# queue for the event loop for microseconds to milliseconds). Then new requests are held, until none came
+# for QUIET_S (at most REFUSE_MAX_S); the gRPC server stops taking calls, and the held ones are refused.
+# The last EXIT_MARGIN_S of --grace-s are left for closing the sessions and the process's exit.
+CATCH_UP_S = 0.2
+QUIET_S = 0.05
+REFUSE_MAX_S = 1.0
+EXIT_MARGIN_S = 0.5
 
 
 @dataclass(frozen=True)
@@ -72,7 +80,9 @@ class ServerConfig:
     max_queue_size: int = 1024
     batching: bool = True
     grace_s: float = 30.0
+    drain_delay_s: float = 0.0
     max_message_bytes: int = 64 * MiB
+    max_request_rows: int = 1024 * 1024  # 0: no limit
     intra_op_threads: int = 1
     inline_max_us: int | None = None  # None: default_inline_max_us()
     model_control_mode: str = "none"  # none | poll | explicit (serving.server.models)
@@ -94,7 +104,8 @@ class RunningServer:
         config: ServerConfig,
         server: grpc.aio.Server,
         plane: DataPlane,
-        health: health_aio.HealthServicer,
+        servicer: InferenceServicer,
+        health: Health,
         metrics: Metrics,
         grpc_port: int,
         metrics_port: int,
@@ -104,6 +115,7 @@ class RunningServer:
         self.grpc_port = grpc_port
         self.metrics_port = metrics_port
         self.plane = plane
+        self._servicer = servicer
         self._server = server
         self._health = health
         self._metrics = metrics
@@ -122,31 +134,50 @@ class RunningServer:
     def ready(self) -> bool:
         return self.plane.ready
 
-    async def stop(self, grace_s: float | None = None, quiet_s: float = QUIET_S) -> None:
-        """Drains: new requests refused (UNAVAILABLE), health NOT_SERVING, queued work finished within
-        grace_s; then, once no request was refused for quiet_s, the gRPC server stops."""
+    async def stop(self, grace_s: float | None = None, catch_up_s: float = CATCH_UP_S) -> None:
+        """Drains, and returns within grace_s (default --grace-s). `catch_up_s`: 0 for a server whose
+        clients have stopped (in-process use: tests).
+
+        1. health NOT_SERVING and ServerReady false at once; no model loads or unloads from now on;
+        2. every request is served as usual for --drain-delay-s (load balancers take the server out
+           meanwhile), and at least catch_up_s: every request sent before the signal is answered;
+        3. new inference requests are held (DataPlane.refuse); ModelStreamInfer streams end UNAVAILABLE
+           once they answered what they read; health Watch streams end;
+        4. once no new request came for QUIET_S (at most REFUSE_MAX_S), the gRPC server stops taking
+           calls (its transport refuses new ones, UNAVAILABLE), and the held requests are refused,
+           UNAVAILABLE; the calls it had accepted are answered;
+        5. a call still running EXIT_MARGIN_S before the grace ends is cancelled by gRPC (only a call
+           slower than the grace), and the sessions close.
+        """
         if self._stopped:
             return
         self._stopped = True
+        loop = asyncio.get_running_loop()
         grace = self.config.grace_s if grace_s is None else grace_s
-        deadline = time.monotonic() + grace
-        log.info("event=drain_begin grace_s=%s", grace)
-        drained = self.plane.drain()  # refuses new requests before health says so
+        deadline = loop.time() + grace
+        log.info("event=drain_begin grace_s=%s drain_delay_s=%s", grace, self.config.drain_delay_s)
+
+        def left() -> float:
+            return max(deadline - EXIT_MARGIN_S - loop.time(), 0.0)
+
+        self.plane.start_drain()
         if self.health_follower is not None:
             self.health_follower.cancel()
         await self._health.enter_graceful_shutdown()
-        try:
-            async with asyncio.timeout(grace):
-                await drained
-        except TimeoutError:
-            log.warning("event=drain_timeout grace_s=%s detail=unfinished requests are failed", grace)
-        await self.plane.wait_quiet(quiet_s, min(MAX_LINGER_S, max(deadline - time.monotonic(), 0.0)))
-        # gRPC's own grace lets handlers that already hold their results send them; it also ends
-        # long-lived health Watch streams, hence the cap.
-        await self._server.stop(min(max(deadline - time.monotonic(), 0.5), MAX_LINGER_S))
+        await asyncio.sleep(min(max(self.config.drain_delay_s, catch_up_s), left()))
+        self.plane.refuse()
+        self._servicer.end_streams()
+        await self._health.end_watches()
+        await self.plane.wait_quiet(QUIET_S, min(REFUSE_MAX_S, left()))
+        stopping = asyncio.ensure_future(self._server.stop(left()))
+        # One turn of the loop runs the stop up to its first wait, past the point where gRPC stops
+        # taking calls; a refused client that sends again from now on is refused by the transport.
+        await asyncio.sleep(0)
+        self.plane.release()
+        await stopping
         await self.plane.close()
         self._metrics.close()
-        log.info("event=stopped")
+        log.info("event=stopped after_s=%.3f", grace - (deadline - loop.time()))
 
     async def wait_for_termination(self) -> None:
         await self._server.wait_for_termination()
@@ -159,18 +190,17 @@ def _server_version() -> str:
         return "0+unknown"
 
 
-async def _publish_health(health: health_aio.HealthServicer, plane: DataPlane) -> None:
+async def _publish_health(health: Health, plane: DataPlane) -> None:
     """grpc.health.v1: the server (and the inference service) by readiness; each model SERVING while one
     of its versions is ready."""
-    serving, not_serving = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
-    overall = serving if plane.ready else not_serving
+    overall = SERVING if plane.ready else NOT_SERVING
     await health.set("", overall)
     await health.set(SERVICE, overall)
     for model in plane.model_names():
-        await health.set(model, serving if plane.model_ready(model) else not_serving)
+        await health.set(model, SERVING if plane.model_ready(model) else NOT_SERVING)
 
 
-async def _follow_models(health: health_aio.HealthServicer, plane: DataPlane) -> None:
+async def _follow_models(health: Health, plane: DataPlane) -> None:
     """Publishes health again whenever a model version comes or goes."""
     changed = plane.models.changed
     while True:
@@ -210,6 +240,7 @@ async def start_server(config: ServerConfig) -> RunningServer:
         _server_version(),
         config.max_message_bytes,
         strict_readiness=config.strict_readiness,
+        max_request_rows=config.max_request_rows,
     )
     server = grpc.aio.server(
         options=[
@@ -217,11 +248,11 @@ async def start_server(config: ServerConfig) -> RunningServer:
             ("grpc.max_receive_message_length", config.max_message_bytes),
             # Only workers share their port: a lone server must fail if the port is taken.
             ("grpc.so_reuseport", int(is_worker)),
-        ]
+        ],
     )
-    add_to_server(InferenceServicer(plane), server)
-    health = health_aio.HealthServicer()
-    await health.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
+    servicer = InferenceServicer(plane)
+    add_to_server(servicer, server)
+    health = Health()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     reflection.enable_server_reflection(
         (SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server
@@ -232,7 +263,7 @@ async def start_server(config: ServerConfig) -> RunningServer:
     metrics_port = config.metrics_port if is_worker else metrics.serve(config.host, config.metrics_port)
     metrics.start()
     await server.start()
-    running = RunningServer(config, server, plane, health, metrics, grpc_port, metrics_port)
+    running = RunningServer(config, server, plane, servicer, health, metrics, grpc_port, metrics_port)
     log.info("event=listening grpc=%s metrics=%s", running.address, running.metrics_address)
     try:
         await plane.load()

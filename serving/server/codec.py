@@ -14,29 +14,39 @@ import numpy as np
 from serving._proto import grpc_service_pb2 as pb
 from serving._proto import model_config_pb2 as mc
 from serving.protocol import CONTENTS_FIELDS, FLOAT_DATATYPES, NUMPY_DTYPES, TensorSpec, shape_text
-from serving.server.errors import InvalidInputError
+from serving.server.errors import MAX_ECHO_CHARS, InvalidInputError, echo
 
 # Datatype -> Triton's ModelConfig enum.
 CONFIG_DATATYPES = {name: mc.DataType.Value("TYPE_" + name) for name in NUMPY_DTYPES}
 
 
+def _shown(shape: tuple[int, ...]) -> str:
+    """A request's shape as a message shows it, cut to MAX_ECHO_CHARS as `echo` cuts strings: a shape may
+    have millions of dimensions, and only the first MAX_ECHO_CHARS can show."""
+    text = shape_text(shape[:MAX_ECHO_CHARS])
+    if len(shape) <= MAX_ECHO_CHARS and len(text) <= MAX_ECHO_CHARS:
+        return text
+    return f"{text[:MAX_ECHO_CHARS]}… ({len(shape)} dimensions)"
+
+
 def _check_shape(spec: TensorSpec, shape: tuple[int, ...]) -> int:
     """Raises unless `shape` fits the spec with a non-empty batch; returns the element count."""
     if len(shape) != len(spec.shape) or any(shape[axis] != size for axis, size in spec.fixed_dims):
-        raise InvalidInputError(f"input '{spec.name}' has shape {shape_text(shape)}; expected {shape_text(spec.shape)}")
+        raise InvalidInputError(f"input '{spec.name}' has shape {_shown(shape)}; expected {shape_text(spec.shape)}")
     count = math.prod(shape)
     if count <= 0:
         if min(shape) < 0:
-            raise InvalidInputError(f"input '{spec.name}' has shape {shape_text(shape)}; dimensions must be >= 0")
+            raise InvalidInputError(f"input '{spec.name}' has shape {_shown(shape)}; dimensions must be >= 0")
         if shape and shape[0] == 0:
-            raise InvalidInputError(f"input '{spec.name}' has an empty batch (shape {shape_text(shape)})")
+            raise InvalidInputError(f"input '{spec.name}' has an empty batch (shape {_shown(shape)})")
     return count
 
 
 def _decode_one(spec: TensorSpec, tensor, raw: bytes | None) -> np.ndarray:
     if tensor.datatype != spec.datatype:
         raise InvalidInputError(
-            f"input '{spec.name}' has datatype {tensor.datatype or '(none)'}; expected {spec.datatype}"
+            f"input '{spec.name}' has datatype {echo(tensor.datatype, quote=False) or '(none)'}; "
+            f"expected {spec.datatype}"
         )
     shape = tuple(tensor.shape)
     count = _check_shape(spec, shape)
@@ -45,7 +55,7 @@ def _decode_one(spec: TensorSpec, tensor, raw: bytes | None) -> np.ndarray:
         if len(raw) != count * dtype.itemsize:
             raise InvalidInputError(
                 f"input '{spec.name}' has {len(raw)} bytes of raw contents; "
-                f"shape {shape_text(shape)} of {spec.datatype} needs {count * dtype.itemsize}"
+                f"shape {_shown(shape)} of {spec.datatype} needs {count * dtype.itemsize}"
             )
         if tensor.HasField("contents"):
             raise InvalidInputError(
@@ -59,8 +69,7 @@ def _decode_one(spec: TensorSpec, tensor, raw: bytes | None) -> np.ndarray:
         values = getattr(tensor.contents, field)
         if len(values) != count:
             raise InvalidInputError(
-                f"input '{spec.name}' has {len(values)} values in contents.{field}; "
-                f"shape {shape_text(shape)} needs {count}"
+                f"input '{spec.name}' has {len(values)} values in contents.{field}; shape {_shown(shape)} needs {count}"
             )
         array = np.asarray(values, dtype=dtype)
     array = array.reshape(shape)
@@ -75,12 +84,12 @@ def _check_names(tensors, specs: tuple[TensorSpec, ...]) -> list[int]:
     by_name: dict[str, int] = {}
     for index, tensor in enumerate(tensors):
         if tensor.name in by_name:
-            raise InvalidInputError(f"input '{tensor.name}' appears more than once")
+            raise InvalidInputError(f"input {echo(tensor.name)} appears more than once")
         by_name[tensor.name] = index
     expected = [spec.name for spec in specs]
     unknown = [name for name in by_name if name not in expected]
     if unknown:
-        raise InvalidInputError(f"unknown input '{unknown[0]}'; the model's inputs are {expected}")
+        raise InvalidInputError(f"unknown input {echo(unknown[0])}; the model's inputs are {expected}")
     missing = [name for name in expected if name not in by_name]
     if missing:
         raise InvalidInputError(f"missing input '{missing[0]}'; the model's inputs are {expected}")
@@ -126,7 +135,7 @@ def requested_outputs(request: pb.ModelInferRequest, specs: tuple[TensorSpec, ..
     for wanted in request.outputs:
         spec = by_name.get(wanted.name)
         if spec is None:
-            raise InvalidInputError(f"unknown output '{wanted.name}'; the model's outputs are {list(by_name)}")
+            raise InvalidInputError(f"unknown output {echo(wanted.name)}; the model's outputs are {list(by_name)}")
         chosen.append(spec)
     return tuple(chosen)
 

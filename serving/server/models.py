@@ -25,9 +25,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import math
-from collections.abc import Awaitable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -36,7 +36,7 @@ from serving.protocol import TensorSpec
 from serving.runtime import SessionSettings
 from serving.server import codec
 from serving.server.batching import Batcher, BatchPolicy, Coalescer
-from serving.server.errors import LoadFailedError, ModelNotFoundError, NotAllowedError, UnavailableError
+from serving.server.errors import LoadFailedError, ModelNotFoundError, NotAllowedError, UnavailableError, echo
 from serving.server.metrics import Metrics, ModelMetrics
 from serving.server.modelconfig import ALL_VERSIONS, VersionPolicy
 from serving.server.repository import (
@@ -150,11 +150,10 @@ class Models:
         if self.mode == "poll":
             self._poller = asyncio.ensure_future(self._poll())
 
-    def drain(self) -> Awaitable[list]:
-        """Stops polling; the result completes when every batcher has answered what it holds."""
+    def stop_polling(self) -> None:
+        """The server drains: the repository is polled no more (a load under way finishes)."""
         if self._poller is not None:
             self._poller.cancel()
-        return asyncio.gather(*(served.batcher.drain() for served in self._all()))
 
     async def close(self) -> None:
         if self._poller is not None:
@@ -182,14 +181,14 @@ class Models:
                 raise UnavailableError(f"model '{name}' failed to load; the server log and RepositoryIndex say why")
             if name in self.wanted or any(m == name for m, _ in self.status):
                 raise ModelNotFoundError(f"model '{name}' is not loaded")
-            raise ModelNotFoundError(f"unknown model '{name}'; models: {sorted(self.serving)}")
+            raise ModelNotFoundError(f"unknown model {echo(name)}; models: {sorted(self.serving)}")
         served = versions.get(version or self.latest[name])
         if served is None:
             status = self.status.get((name, version))
             if status is not None and status.state == UNAVAILABLE and status.reason != "unloaded":
                 raise UnavailableError(f"model '{name}' version '{version}' failed to load: {status.reason}")
             raise ModelNotFoundError(
-                f"model '{name}' has no version '{version}'; versions: {sorted(versions, key=int)}"
+                f"model '{name}' has no version {echo(version)}; versions: {sorted(versions, key=int)}"
             )
         return served
 
@@ -242,9 +241,14 @@ class Models:
         disk load; then the versions it no longer wants unload. Raises ModelNotFoundError when the
         repository has no such model, and LoadFailedError (with the reasons) when a version failed."""
         async with self._lock(name):
-            folder = await asyncio.to_thread(scan_model, self.repository, name)
+            try:
+                folder = await asyncio.to_thread(scan_model, self.repository, name)
+            except OSError as exc:  # a name the file system cannot look up (too long): no such folder
+                if exc.errno != errno.ENAMETOOLONG:
+                    raise
+                folder = None
             if folder is None:
-                raise ModelNotFoundError(f"no model '{name}' in the repository {self.repository}")
+                raise ModelNotFoundError(f"no model {echo(name)} in the repository {self.repository}")
             self.wanted.add(name)
             if folder.problem is not None:
                 self.problems[name] = folder.problem
@@ -280,7 +284,7 @@ class Models:
         """Unloads every version of a model, each once it has answered what it holds."""
         async with self._lock(name):
             if name not in self.wanted and name not in self.serving:
-                raise ModelNotFoundError(f"model '{name}' is not loaded")
+                raise ModelNotFoundError(f"model {echo(name)} is not loaded")
             self.wanted.discard(name)
             self.problems.pop(name, None)
             for version in list(self.serving.get(name, {})):

@@ -45,19 +45,19 @@ from collections import deque
 from dataclasses import dataclass, replace
 from multiprocessing.connection import Connection, wait
 
-from prometheus_client import CollectorRegistry, Counter, multiprocess, start_http_server
+from prometheus_client import CollectorRegistry, Counter, multiprocess
 
 from serving.devices import DeviceUnavailableError
 from serving.lifetime import die_with_parent
-from serving.server.app import MAX_LINGER_S, RunningServer, ServerConfig, serve, startup_s
-from serving.server.metrics import HistogramView, histograms
+from serving.server.app import RunningServer, ServerConfig, serve, startup_s
+from serving.server.metrics import HistogramView, histograms, serve_metrics
 
 log = logging.getLogger(__name__)
 
 MULTIPROC_DIR_ENV = "PROMETHEUS_MULTIPROC_DIR"
-# How long the parent waits for draining workers beyond --grace-s (their quiet period, gRPC's own
-# grace and exit) before it kills them.
-_WORKER_EXIT_MARGIN_S = 2 * MAX_LINGER_S + 10.0
+# How long the parent waits for draining workers beyond --grace-s (a worker drains within it, but one
+# may be stuck, e.g. in a native call) before it kills them.
+_WORKER_EXIT_MARGIN_S = 10.0
 
 # Crash loop: more than CRASH_LOOP_DEATHS deaths of workers (all of them together) within
 # CRASH_LOOP_WINDOW_S stop the server (exit 1). A healthy server loses a worker rarely (the OOM killer, a
@@ -183,7 +183,7 @@ class _Supervisor:
             )
             for index in range(self.config.workers):
                 self.restarts.labels(str(index))
-            http, _ = start_http_server(self.config.metrics_port, addr=self.config.host, registry=shown)
+            http = serve_metrics(self.config.host, self.config.metrics_port, shown)
             self.metrics_port = http.server_port
             self._start_workers()
             if self._wait_until_reported():
@@ -303,7 +303,12 @@ class _Supervisor:
         if all(w.reported[1] for w in self.workers):
             print(f"READY grpc={host}:{port} metrics={host}:{metrics_port} startup_s={startup_s()}", flush=True)
             log.info(
-                "event=ready workers=%d grpc=%s:%d metrics=%s:%d", len(self.workers), host, port, host, metrics_port
+                "event=ready workers=%d grpc=%s:%d metrics=%s:%d",
+                len(self.workers),
+                host,
+                port,
+                host,
+                metrics_port,
             )
         else:
             # As a lone server does: a model that failed to load leaves the workers up and not ready.
