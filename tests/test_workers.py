@@ -14,6 +14,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -264,10 +265,13 @@ def test_a_worker_killed_under_load_is_restarted_and_only_calls_in_flight_on_it_
             f"replacement ready {healed - killed:.2f} s after the kill"
         )
         assert all(o[2] >= killed for o in failed), "failures before the kill"
-        # Only the calls in flight on the killed worker's connections fail (UNAVAILABLE), at most one per
-        # client: the channel reconnects, and the next call goes to the live worker.
-        assert len(failed) <= clients, failed
-        assert len({i for i, *_ in failed}) == len(failed), "a client failed twice"
+        # Only the calls sent on the killed worker's connections fail (UNAVAILABLE), within moments of the kill:
+        # the channel reconnects, and the next calls go to the live worker. A client's call may fail, and its
+        # next one too when it was sent before the channel saw the reset (a few ms; seen once in a full run
+        # on a loaded machine): at most two per client.
+        assert len(failed) <= 2 * clients, failed
+        per_client = Counter(i for i, *_ in failed)
+        assert max(per_client.values(), default=0) <= 2, per_client
         for _, _, finished, error in failed:
             assert error.code() == grpc.StatusCode.UNAVAILABLE, (error.code(), error.details())
             assert finished - killed < 5.0
