@@ -9,7 +9,12 @@ in the task, so a dead server shows up as failures, not as a flood of tracebacks
     locust -f loadtest/locustfile.py --master ...      # and, elsewhere, --worker --master-host ...
 
 Options (flags after the locustfile, or environment variables): --model (XORSERVE_MODEL),
---model-version, --input-name, --small-rows, --large-rows, --deadline-ms. With --csv PREFIX, the
+--model-version, --input-name, --small-rows, --large-rows, --deadline-ms, and how to reach a server
+that serves TLS or requires a bearer token: --grpc-tls-ca (XORSERVE_TLS_CA), --grpc-tls-cert and
+--grpc-tls-key (XORSERVE_TLS_CERT, XORSERVE_TLS_KEY: mutual TLS), --grpc-token-file
+(XORSERVE_TOKEN_FILE), the `xorserve` commands' --tls-ca ... by other names, since Locust's own
+--tls-cert and --tls-key are its web UI's. Each user opens its channel with them and sends the token
+with every call; files that cannot be read stop Locust at start. With --csv PREFIX, the
 master (or the single process) also writes PREFIX_response_times.json: per request name, the count
 of calls and failures and an exact 0.01-ms histogram of the successful calls' times (see
 loadtest/timings.py), from which `xorserve loadtest` computes its rates and percentiles.
@@ -20,6 +25,7 @@ from __future__ import annotations
 import csv
 import json
 import time
+from pathlib import Path
 
 import grpc
 import grpc.experimental.gevent as grpc_gevent
@@ -35,6 +41,7 @@ from locust.stats import PERCENTILES_TO_REPORT, StatsCSV  # noqa: E402
 from loadtest.timings import ResponseTimes  # noqa: E402
 from serving._proto import grpc_service_pb2 as pb  # noqa: E402
 from serving._proto import grpc_service_pb2_grpc as pb_grpc  # noqa: E402
+from serving.client.connect import Security, SecurityError  # noqa: E402
 
 REPORT_KEY = "xorserve_response_times"
 
@@ -54,6 +61,45 @@ def add_options(parser) -> None:
     group.add_argument(
         "--deadline-ms", type=float, default=1000.0, env_var="XORSERVE_DEADLINE_MS", help="per-call gRPC deadline"
     )
+    group.add_argument(
+        "--grpc-tls-ca", default=None, env_var="XORSERVE_TLS_CA", help="CA (PEM) of the server's certificate: TLS"
+    )
+    group.add_argument(
+        "--grpc-tls-cert", default=None, env_var="XORSERVE_TLS_CERT", help="client certificate (PEM), mutual TLS"
+    )
+    group.add_argument("--grpc-tls-key", default=None, env_var="XORSERVE_TLS_KEY", help="its private key (PEM)")
+    group.add_argument(
+        "--grpc-token-file", default=None, env_var="XORSERVE_TOKEN_FILE", help="bearer token to send (a file)"
+    )
+
+
+def security(options) -> Security:
+    """How the users reach the server (serving.client.connect); SecurityError when the options do not work."""
+
+    def path(value: str | None) -> Path | None:
+        return Path(value) if value else None
+
+    return Security(
+        path(options.grpc_tls_ca),
+        path(options.grpc_tls_cert),
+        path(options.grpc_tls_key),
+        path(options.grpc_token_file),
+    )
+
+
+@events.init.add_listener
+def check_security(environment, **_kwargs) -> None:
+    """Files that cannot be read stop Locust now, in one line, not every user with a traceback."""
+    options = environment.parsed_options
+    if options is None:
+        return
+    try:
+        secured = security(options)
+        secured.metadata()
+        if secured.tls:
+            secured.credentials()
+    except SecurityError as error:
+        raise SystemExit(f"loadtest/locustfile.py: {error}") from None
 
 
 @events.init.add_listener
@@ -122,7 +168,9 @@ class InferenceUser(User):
     def on_start(self) -> None:
         options = self.environment.parsed_options
         self.deadline_s = options.deadline_ms / 1000.0
-        self.channel = grpc.insecure_channel(_target(self.host))
+        secured = security(options)
+        self.channel = secured.channel(_target(self.host))
+        self.call_metadata = secured.metadata() or None  # read once: the token file is not read per call
         self.stub = pb_grpc.GRPCInferenceServiceStub(self.channel)
         # Payloads are built once: the load generator should spend its CPU on calls, not on numpy.
         rng = np.random.default_rng()
@@ -167,7 +215,7 @@ class InferenceUser(User):
         response_length = 0
         exception: Exception | None = None
         try:
-            response = method(request, timeout=self.deadline_s)
+            response = method(request, timeout=self.deadline_s, metadata=self.call_metadata)
             response_time = (time.perf_counter() - start) * 1000.0
             response_length = response.ByteSize()
             check(response)

@@ -10,12 +10,23 @@ differ from Locust's, which time failed calls too. Prints the summary as a table
 succeeded) and exits:
   0  every objective holds
   1  one is missed: p99 above --max-p99-ms, failure ratio above --max-fail-ratio, no call succeeded
-  2  bad arguments (one line on stderr), an --out that cannot be made, or Locust itself failed
-  3  the server could not be reached before the run (or --start-server's server did not start)
+  2  bad arguments or a TLS or token file that cannot be read (one line on stderr), an --out that
+     cannot be made, the server refused the credentials before the run (UNAUTHENTICATED: no
+     --token-file, or a token it does not accept), or Locust itself failed
+  3  the server could not be reached before the run, also when this client and the server do not
+     speak the same (plaintext at a TLS server, TLS at a plaintext one, a certificate one side does
+     not trust: the line says which), or --start-server's server did not start
   143 stopped by SIGTERM (Locust and a --start-server server are stopped first)
+
+A server that serves TLS needs --tls-ca (and --tls-cert with --tls-key when it requires a client
+certificate); one that requires a bearer token needs --token-file. Before any load is sent, the server's
+health is asked (open, no token needed) and one ModelMetadata call checks the token; Locust's users get
+the same four (the locustfile's --grpc-tls-ca, --grpc-tls-cert, --grpc-tls-key, --grpc-token-file).
+--start-server starts a plaintext server without tokens and ignores them.
 
     xorserve loadtest --url 127.0.0.1:8001 --users 32 --spawn-rate 32 --duration 30s --out out/loadtest
     xorserve loadtest --start-server --users 8 --duration 10s --max-p99-ms 20
+    xorserve loadtest --url server.example:8001 --tls-ca ca.pem --token-file token --duration 10s
 """
 
 from __future__ import annotations
@@ -23,6 +34,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import re
 import shlex
 import signal
@@ -34,7 +46,19 @@ from pathlib import Path
 from typing import TextIO
 
 from loadtest.timings import ResponseTimes, summarize
-from serving.cli.flags import CHECK_FAILED, OK, UNREACHABLE, USAGE, Parser, flag, model, model_repository, number, url
+from serving.cli.flags import (
+    CHECK_FAILED,
+    OK,
+    UNREACHABLE,
+    USAGE,
+    Parser,
+    flag,
+    model,
+    model_repository,
+    number,
+    security,
+    url,
+)
 
 log = logging.getLogger("xorserve.loadtest")
 
@@ -43,6 +67,9 @@ CSV_PREFIX = "locust"
 # Locust start-up, workers connecting, and the final reports, beyond --duration.
 OVERHEAD_S = 60.0
 WORKER_CONNECT_S = 30
+# The locustfile's names for --tls-ca, --tls-cert, --tls-key and --token-file (Locust's own --tls-cert and
+# --tls-key are its web UI's).
+LOCUST_SECURITY = ("--grpc-tls-ca", "--grpc-tls-cert", "--grpc-tls-key", "--grpc-token-file")
 _DURATION = re.compile(r"^(?:(?P<h>\d+)h)?(?:(?P<m>\d+)m)?(?:(?P<s>\d+)s?)?$")
 
 
@@ -89,12 +116,14 @@ def add_arguments(parser: Parser) -> None:
         parser,
         "--start-server",
         action="store_true",
-        help="start `xorserve serve` on free ports for the run, ignoring --url",
+        help="start `xorserve serve` (plaintext, no tokens) on free ports for the run, ignoring --url and the "
+        "TLS and token flags",
     )
     model_repository(parser, default=Path("models"), help="what --start-server serves")
     flag(parser, "--small-rows", type=number(int, minimum=1), default=1, help="rows of the small infer task")
     flag(parser, "--large-rows", type=number(int, minimum=1), default=64, help="rows of the large infer task")
     flag(parser, "--deadline-ms", type=number(float, above=0), default=1000.0, help="gRPC deadline of each call")
+    security(parser)
 
 
 def duration_s(text: str) -> int:
@@ -148,12 +177,9 @@ def _run(args: argparse.Namespace) -> int:
     for stale in (_times_path(args), args.out / "summary.json"):
         stale.unlink(missing_ok=True)
     if not args.start_server:
-        from serving.client.health import check
-
-        status, message = check(args.url, timeout_s=5.0)
-        if status is None:
-            log.error("event=server_unreachable url=%s error=%s", args.url, message)
-            return UNREACHABLE
+        refused = _preflight(args)
+        if refused is not None:
+            return refused
         return _run_and_judge(args, args.url)
 
     from serving.client.launch import ServerProcess, ServerStartError
@@ -166,6 +192,35 @@ def _run(args: argparse.Namespace) -> int:
     with server:  # at once: a SIGTERM from here on stops the server too
         log.info("event=server_started url=%s startup_s=%.2f", server.url, server.startup_s)
         return _run_and_judge(args, server.url)
+
+
+def _preflight(args: argparse.Namespace) -> int | None:
+    """Before any load: the server answers health, and takes the token; else the exit status (one line)."""
+    # gRPC's own log lines (a failed TLS handshake) would add to the one line of an error.
+    os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
+    from serving.client import InferenceClient, InferenceError
+    from serving.client.connect import Security, SecurityError
+    from serving.client.health import check
+
+    try:
+        secured = Security.from_args(args)
+        status, message = check(args.url, timeout_s=5.0, security=secured)
+    except SecurityError as error:
+        print(f"xorserve loadtest: error: {error}", file=sys.stderr)
+        return USAGE
+    if status is None:
+        log.error("event=server_unreachable url=%s error=%s", args.url, message)
+        return UNREACHABLE
+    # Health is open; a model call says whether the token is taken before Locust's users find out. Any
+    # other error (an unknown model, a full queue) is left for the run to count.
+    try:
+        with InferenceClient(args.url, args.model, timeout_s=5.0, retries=0, security=secured) as client:
+            client.metadata()
+    except InferenceError as error:
+        if error.code.name in ("UNAUTHENTICATED", "PERMISSION_DENIED"):
+            log.error("event=server_refused_credentials url=%s error=%s", args.url, error)
+            return USAGE
+    return None
 
 
 def _run_and_judge(args: argparse.Namespace, url: str) -> int:
@@ -257,6 +312,12 @@ def locust_commands(args: argparse.Namespace, url: str, master_port: int | None 
     common = [sys.executable, "-m", "locust", "-f", str(LOCUSTFILE), "--host", url, "--model", args.model]
     common += ["--small-rows", str(args.small_rows), "--large-rows", str(args.large_rows)]
     common += ["--deadline-ms", str(args.deadline_ms), "--loglevel", "INFO"]
+    if not args.start_server:  # the server it starts is plaintext, without tokens
+        for option, value in zip(
+            LOCUST_SECURITY, (args.tls_ca, args.tls_cert, args.tls_key, args.token_file), strict=True
+        ):
+            if value is not None:
+                common += [option, str(value)]
     # Locust exits 1 on any failure; this runner decides the outcome against the objectives instead.
     lead = [*common, "--headless", "--only-summary", "--exit-code-on-error", "0"]
     lead += ["--users", str(args.users), "--spawn-rate", str(_spawn_rate(args)), "--run-time", f"{args.duration}s"]

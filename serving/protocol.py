@@ -83,3 +83,8 @@ class TensorSpec:
 def shape_text(shape) -> str:
     """A shape as the messages print it: [3, 5]."""
     return "[" + ", ".join(str(d) for d in shape) + "]"
+
+
+# The RPCs open without a token when the server requires one (`xorserve serve --auth-open`): the probes
+# (Kubernetes' gRPC probe asks grpc.health.v1; ServerLive and ServerReady are the protocol's) and reflection.
+OPEN_BY_DEFAULT = ("ServerLive", "ServerReady", "grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection")

@@ -41,6 +41,7 @@ import tempfile
 import threading
 import urllib.request
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -268,3 +269,47 @@ def server_factory(model_repository: Path) -> Iterator[Callable[..., ServerThrea
     yield start
     for handle in started:
         handle.stop()
+
+
+@dataclass(frozen=True)
+class TlsFiles:
+    """Certificates from trustme (docs/security.md): a CA that signed the server's certificate (for
+    localhost and 127.0.0.1) and a client's, another CA that signed a client certificate the server must
+    refuse, and a token file."""
+
+    ca: Path
+    server_cert: Path
+    server_key: Path
+    client_cert: Path
+    client_key: Path
+    other_ca: Path
+    other_client_cert: Path
+    other_client_key: Path
+    token_file: Path
+    token: str
+
+
+@pytest.fixture(scope="session")
+def tls_files(tmp_path_factory: pytest.TempPathFactory) -> TlsFiles:
+    import trustme
+
+    folder = tmp_path_factory.mktemp("tls")
+    ca, other = trustme.CA(), trustme.CA()
+    server = ca.issue_cert("localhost", "127.0.0.1")
+    client, stranger = ca.issue_cert("client@example.test"), other.issue_cert("client@example.test")
+    paths = {}
+    for name, blob in {
+        "ca": ca.cert_pem,
+        "server_cert": server.cert_chain_pems[0],
+        "server_key": server.private_key_pem,
+        "client_cert": client.cert_chain_pems[0],
+        "client_key": client.private_key_pem,
+        "other_ca": other.cert_pem,
+        "other_client_cert": stranger.cert_chain_pems[0],
+        "other_client_key": stranger.private_key_pem,
+    }.items():
+        paths[name] = folder / f"{name}.pem"
+        blob.write_to_path(str(paths[name]))
+    token = "tok-" + os.urandom(12).hex()
+    (folder / "token").write_text(token + "\n")
+    return TlsFiles(**paths, token_file=folder / "token", token=token)

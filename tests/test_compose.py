@@ -21,6 +21,7 @@ from serving.cli.main import COMMANDS, command_parser
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE = ROOT / "docker-compose.yml"
 SERVICES = {"trainer", "server", "locust-master", "locust-worker"}
+PROFILED = {"server-tls": "tls"}  # services that start only with their profile (`--profile tls`)
 # What `locust` makes of a command line with our locustfile loaded (its custom options included).
 LOCUST_PARSE = """
 import json, sys
@@ -86,9 +87,32 @@ def container_ports(service: dict) -> set[int]:
     return {int(str(mapping).rsplit(":", 1)[-1]) for mapping in service.get("ports", [])}
 
 
-def test_compose_file_declares_the_four_services_and_the_model_volume(compose, services):
-    assert set(services) == SERVICES
+def test_compose_file_declares_the_four_services_the_tls_profile_and_the_model_volume(compose, services):
+    assert set(services) == SERVICES | set(PROFILED)
+    assert {name: services[name].get("profiles") for name in PROFILED} == {n: [p] for n, p in PROFILED.items()}
+    assert not any(services[name].get("profiles") for name in SERVICES)  # the default set starts as before
     assert "models" in compose["volumes"]
+
+
+def test_the_tls_server_serves_tls_with_tokens_from_the_mounted_folder_and_its_probe_uses_the_ca(services):
+    tls = services["server-tls"]
+    served = parse_xorserve(tls["command"])
+    assert served.host == "0.0.0.0" and container_ports(tls) == {8001, 8002}
+    assert "./tls:/tls:ro" in tls["volumes"] and "models:/models:ro" in tls["volumes"]
+    assert (served.tls_cert, served.tls_key, served.auth_token_file) == (
+        Path("/tls/server.pem"),
+        Path("/tls/server.key"),
+        Path("/tls/token"),
+    )
+    published = {port.split(":")[0] for port in tls["ports"]}
+    assert published == {"8443", "8444"}  # beside the plaintext server's 8001 and 8002
+    probe = tls["healthcheck"]["test"]
+    assert probe[0] == "CMD"
+    checked = parse_xorserve(probe[1:])
+    assert checked.tls_ca == Path("/tls/ca.pem") and checked.token_file is None  # health stays open
+    # The rest is the plaintext server's (a YAML merge): the same image, GPU and restart policy.
+    for key in ("image", "deploy", "restart", "stop_grace_period", "depends_on"):
+        assert tls[key] == services["server"][key], key
 
 
 @pytest.mark.parametrize("name", ["trainer", "server"])

@@ -11,12 +11,16 @@ label agreement (probability >= 0.5, logits >= 0). A point whose reference lies 
 either side there, so such points are counted and reported, and left out of label agreement. A path
 passes when the max absolute error is <= 1e-5 and every label off the boundary agrees. With --url,
 the points are also sent to a server in chunks; its outputs must equal the in-process ONNX Runtime
-session's bit for bit.
+session's bit for bit. A server that serves TLS needs --tls-ca (and --tls-cert with --tls-key when it
+requires a client certificate); one that requires a bearer token needs --token-file.
 
 Exit status: 0 every gating path passes; 1 a path misses; 2 the model folder does not match the
 contract (files missing or damaged, input/output names, types, shapes), the device asked for cannot be
-had, the server refuses a request as invalid, or --json cannot be written; 3 the server (--url) or its
-model cannot be reached: one line on stderr naming what is wrong.
+had, a TLS or token file cannot be read, the server refuses a request as invalid or refuses the
+credentials (UNAUTHENTICATED: no --token-file, or a token it does not accept), or --json cannot be
+written; 3 the server (--url) or its model cannot be reached, also when this client and the server do
+not speak the same (plaintext at a TLS server, TLS at a plaintext one, a certificate one side does not
+trust: the line says which): one line on stderr naming what is wrong.
 """
 
 from __future__ import annotations
@@ -24,13 +28,18 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from serving.cli.flags import CHECK_FAILED, OK, USAGE, Parser, device, flag, model
+from serving.cli.flags import CHECK_FAILED, OK, USAGE, Parser, device, flag, model, security
 from serving.devices import DeviceUnavailableError
+
+if TYPE_CHECKING:
+    from serving.client.connect import Security
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +50,7 @@ GRID_LIMITS = (-0.5, 1.5)
 RANDOM_POINTS = 100_000
 RANDOM_SEED = 2026
 SERVED_CHUNK_ROWS = 65_536
+SECURITY_FLAGS = ("tls_ca", "tls_cert", "tls_key", "token_file")  # serving.cli.flags.security's
 # Each output's label rule: both say "class 1" for the same points.
 LABEL_THRESHOLDS = {"logits": 0.0, "probability": 0.5}
 INPUT_NAME = "input"
@@ -168,13 +178,18 @@ def run_session(session, points: np.ndarray, chunk_rows: int | None = None) -> d
     return {name: np.concatenate([r[k] for r in results]) for k, name in enumerate(OUTPUT_NAMES)}
 
 
-def run_served(url: str, model: str, version: str, points: np.ndarray, chunk_rows: int) -> dict[str, np.ndarray]:
-    """The outputs of a running server for the points, sent `chunk_rows` at a time."""
+def run_served(
+    url: str, model: str, version: str, points: np.ndarray, chunk_rows: int, security: Security | None = None
+) -> dict[str, np.ndarray]:
+    """The outputs of a running server for the points, sent `chunk_rows` at a time; `security`: TLS and the
+    bearer token (serving.client.connect), None for plaintext without a token."""
     # Imported here: only the --url path needs the gRPC client.
     from serving.client import InferenceClient
 
     parts: dict[str, list[np.ndarray]] = {name: [] for name in OUTPUT_NAMES}
-    with InferenceClient(url, model=model, version=version) as client:
+    # `security` only when there is one: a plaintext run calls the client as before security existed.
+    secured = {} if security is None else {"security": security}
+    with InferenceClient(url, model=model, version=version, **secured) as client:
         for start in range(0, len(points), chunk_rows):
             result = client.infer(points[start : start + chunk_rows], outputs=list(OUTPUT_NAMES))
             for name in OUTPUT_NAMES:
@@ -195,8 +210,10 @@ def run_parity(
     url: str | None = None,
     served_model: str = "xor",
     served_version: str = "",
+    security: Security | None = None,
 ) -> dict:
-    """Every path's comparison with PyTorch, as a dict that the CLI prints and writes as JSON.
+    """Every path's comparison with PyTorch, as a dict that the CLI prints and writes as JSON; `security`
+    (TLS, the bearer token; None: plaintext, no token) is how the client reaches `url`.
 
     Raises ContractError when the folder or the model does not match the contract, and
     serving.runtime.DeviceUnavailableError when `device` is "cuda" and CUDA cannot be had.
@@ -240,7 +257,7 @@ def run_parity(
         names = ",".join(u["path"] for u in unavailable)
         log.info("event=parity_paths_skipped paths=%s reason=cuda_execution_provider_unavailable", names)
     if url:
-        paths.append(_served_path(url, served_model, served_version, points, reference, sessions, CUDA))
+        paths.append(_served_path(url, served_model, served_version, points, reference, sessions, CUDA, security))
 
     return {
         "reference": "PyTorch fp32 on CPU from state_dict.pt",
@@ -258,13 +275,13 @@ def run_parity(
     }
 
 
-def _served_path(url, model, version, points, reference, sessions, cuda_provider) -> dict:
+def _served_path(url, model, version, points, reference, sessions, cuda_provider, security=None) -> dict:
     """Compare the server with PyTorch, and require bit-identity with an in-process session on some provider.
 
     The server may run on CPU or CUDA; its outputs must equal, bit for bit, those of the in-process session
     on one of the providers tried here (CPU always), sent in the same chunks.
     """
-    served = run_served(url, model, version, points, SERVED_CHUNK_ROWS)
+    served = run_served(url, model, version, points, SERVED_CHUNK_ROWS, security)
     result = compare(reference, served)
     identical_to = None
     # CUDA first: a server on a GPU machine runs there, and CPU results would not match it bit for bit anyway.
@@ -340,6 +357,19 @@ def add_arguments(parser: Parser) -> None:
         "else xor)",
         default=None,
     )
+    security(parser)
+
+
+def _security(args: argparse.Namespace) -> Security:
+    """The TLS and token flags as a Security, its files read now, not once the reference is computed.
+    Raises SecurityError."""
+    from serving.client.connect import Security
+
+    secured = Security.from_args(args)
+    secured.metadata()
+    if secured.tls:
+        secured.credentials()
+    return secured
 
 
 def run(args: argparse.Namespace) -> int:
@@ -349,19 +379,35 @@ def run(args: argparse.Namespace) -> int:
     if args.model:
         model, version = args.model, ""
     unreachable: tuple[type[Exception], ...] = ()
+    secured = None
     if args.url:
+        # gRPC's own log lines (a failed TLS handshake) would add to the one line of an error.
+        os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
         from serving.client import InferenceError
 
         unreachable = (InferenceError,)
+        if any(getattr(args, name) is not None for name in SECURITY_FLAGS):
+            from serving.client.connect import SecurityError
+
+            try:
+                secured = _security(args)
+            except SecurityError as exc:
+                print(f"xorserve parity: error: {one_line(exc)}", file=sys.stderr)
+                return USAGE
     try:
         result = run_parity(
-            args.model_dir, device=args.device, url=args.url, served_model=model, served_version=version
+            args.model_dir,
+            device=args.device,
+            url=args.url,
+            served_model=model,
+            served_version=version,
+            security=secured,
         )
     except (ContractError, DeviceUnavailableError) as exc:
         print(f"xorserve parity: error: {one_line(exc)}", file=sys.stderr)
         return USAGE
     except unreachable as exc:
-        print(f"xorserve parity: error: {args.url}: {one_line(exc)}", file=sys.stderr)
+        print(f"xorserve parity: error: {exc.line(args.url).splitlines()[0]}", file=sys.stderr)
         return exc.exit_code
     print(f"parity: {args.model_dir}")
     print(format_table(result))

@@ -82,6 +82,8 @@ def _from_environment(action: argparse.Action, kind: str | None, variable: str, 
         if text not in _TRUE + _FALSE:
             raise UsageError(f"{variable}={raw!r}: expected one of 1, 0, true, false, yes, no, on, off")
         return (text in _TRUE) == (kind != "store_false")
+    if not raw.strip() and action.default is None and kind is None:
+        return None  # empty: as if unset, for a flag that is off unless given (e.g. XORSERVE_TOKEN_FILE=)
     if kind == "append":  # a list: comma-separated in the variable
         return [_from_environment(action, None, variable, item.strip()) for item in raw.split(",") if item.strip()]
     try:
@@ -151,3 +153,25 @@ def device(parser: Parser, help: str) -> argparse.Action:
 
 def timeout_s(parser: Parser, default: float, help: str = "deadline of each request, in seconds") -> argparse.Action:
     return shared(flag(parser, "--timeout-s", type=number(float, above=0), default=default, help=help))
+
+
+def security(parser: Parser) -> None:
+    """A client's TLS and token flags (serving.client.connect.Security), the same in every client command."""
+    shared(flag(parser, "--tls-ca", type=Path, help="CA certificate (PEM) that signed the server's: connect with TLS"))
+    shared(
+        flag(
+            parser,
+            "--tls-cert",
+            type=Path,
+            help="this client's certificate (PEM), for a server that requires one (mutual TLS); with --tls-key",
+        )
+    )
+    shared(flag(parser, "--tls-key", type=Path, help="the private key (PEM) of --tls-cert"))
+    shared(
+        flag(
+            parser,
+            "--token-file",
+            type=Path,
+            help="file holding the bearer token to send ('authorization: Bearer <token>')",
+        )
+    )

@@ -2,20 +2,28 @@
 
 Example:
   xorserve predict --url 127.0.0.1:8001 0,0 0,1 1,0 1,1 -0.5,1
+  xorserve predict --url server.example:8001 --tls-ca ca.pem --token-file token 0,1
 
-Exit status: 0 answered; 2 a point could not be parsed, or the server refused the request as invalid;
-3 the server or the model could not be reached (one line on stderr).
+A server that serves TLS needs --tls-ca (and --tls-cert with --tls-key when it requires a client
+certificate); one that requires a bearer token needs --token-file.
+
+Exit status (any error: one line on stderr): 0 answered; 2 a point could not be parsed, a bad flag or
+a TLS or token file that cannot be read, the server refused the request as invalid, or refused its
+credentials (UNAUTHENTICATED: no --token-file, or a token it does not accept); 3 the server or the
+model could not be reached, also when this client and the server do not speak the same (plaintext at
+a TLS server, TLS at a plaintext one, a certificate one side does not trust: the line says which).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import sys
 
 import numpy as np
 
-from serving.cli.flags import USAGE, Parser, model, model_version, timeout_s, url
+from serving.cli.flags import USAGE, Parser, model, model_version, security, timeout_s, url
 
 # A point such as -0.5,1 starts with "-": argparse takes it for an unknown option, and run() takes it back.
 POINT = re.compile(r"^-?[0-9.]")
@@ -27,6 +35,7 @@ def add_arguments(parser: Parser) -> None:
     model(parser)
     model_version(parser)
     timeout_s(parser, default=10.0)
+    security(parser)
 
 
 def parse_args(parser: Parser, argv: list[str]) -> argparse.Namespace:
@@ -72,7 +81,10 @@ def format_table(points: np.ndarray, probability: np.ndarray, label: np.ndarray)
 
 
 def run(args: argparse.Namespace) -> int:
+    # gRPC's own log lines (a failed TLS handshake) would add to the one line of an error.
+    os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
     from serving.client import InferenceClient, InferenceError
+    from serving.client.connect import Security, SecurityError
 
     try:
         if not args.points:
@@ -82,10 +94,17 @@ def run(args: argparse.Namespace) -> int:
         print(f"xorserve predict: error: {exc}", file=sys.stderr)
         return USAGE
     try:
-        with InferenceClient(args.url, args.model, args.model_version, timeout_s=args.timeout_s) as client:
+        client = InferenceClient(
+            args.url, args.model, args.model_version, timeout_s=args.timeout_s, security=Security.from_args(args)
+        )
+    except SecurityError as exc:
+        print(f"xorserve predict: error: {exc}", file=sys.stderr)
+        return USAGE
+    try:
+        with client:
             prediction = client.predict(points)
     except InferenceError as exc:
-        print(f"xorserve predict: error: {args.url}: {exc}", file=sys.stderr)
+        print(f"xorserve predict: error: {exc.line(args.url)}", file=sys.stderr)
         return exc.exit_code
     print(format_table(points, prediction.probability, prediction.label))
     return 0

@@ -10,13 +10,20 @@ with the wrong number of fields, are not scored: they go to the errors file (`ro
 row 1 = the first data row, the CSV header not counted). The summary line on stdout gives
 rows_read = rows_scored + rows_rejected.
 
+With --url, a server that serves TLS needs --tls-ca (and --tls-cert with --tls-key when it requires a
+client certificate); one that requires a bearer token needs --token-file. --model-dir ignores them.
+
 exit status:
   0  every row scored
   1  some rows rejected (see the errors file); the others are scored and written
   2  bad arguments or input (unreadable input, missing columns, an OUTPUT or errors file that cannot
-     be written, a model folder that does not load, a request the server refuses as invalid): one line
-     on stderr; nothing written (an existing OUTPUT or errors file is left as it was)
-  3  the server or its model could not be reached: one line on stderr; nothing written
+     be written, a model folder that does not load, a TLS or token file that cannot be read, a request
+     the server refuses as invalid, credentials it refuses: UNAUTHENTICATED, no --token-file or a token
+     it does not accept): one line on stderr; nothing written (an existing OUTPUT or errors file is
+     left as it was)
+  3  the server or its model could not be reached, also when this client and the server do not speak
+     the same (plaintext at a TLS server, TLS at a plaintext one, a certificate one side does not
+     trust: the line says which): one line on stderr; nothing written
   130 interrupted (SIGINT, Ctrl-C): nothing written
   143 terminated (SIGTERM): nothing written
 
@@ -53,6 +60,7 @@ from serving.cli.flags import (
     model,
     model_version,
     number,
+    security,
     timeout_s,
     url,
 )
@@ -118,6 +126,7 @@ def add_arguments(parser: Parser) -> None:
         action="store_true",
         help="no progress bar (there is none either when stderr is not a terminal)",
     )
+    security(parser)
 
 
 def parse_args(parser: Parser, argv: list[str]) -> argparse.Namespace:
@@ -196,7 +205,18 @@ def _open_scorer(args: argparse.Namespace, n_features: int):
 
     if args.model_dir:
         return InProcessScorer(args.model_dir, n_features, device=args.device)
-    return RemoteScorer(args.url, n_features, args.model, args.model_version, args.timeout_s, args.retries)
+    from serving.client.connect import Security
+
+    # SecurityError (flags that do not go together, a file that cannot be read): a usage error, exit 2.
+    return RemoteScorer(
+        args.url,
+        n_features,
+        args.model,
+        args.model_version,
+        args.timeout_s,
+        args.retries,
+        security=Security.from_args(args),
+    )
 
 
 def _one_line(exc: BaseException) -> str:
@@ -299,6 +319,10 @@ def _attempt(args: argparse.Namespace, guard) -> Summary | BaseException:
 def run(args: argparse.Namespace) -> int:
     from serving.scoring.interrupts import Guard
 
+    if args.url:
+        # gRPC's own log lines (a failed TLS handshake) would add to the one line of an error.
+        os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
+
     with Guard(to_exit=_runs_the_program()) as guard:  # signals are held until _attempt arms it
         outcome = _attempt(args, guard)
     if isinstance(outcome, BaseException) and guard.committed:
@@ -318,7 +342,9 @@ def run(args: argparse.Namespace) -> int:
         from serving.client import InferenceError
 
         if isinstance(outcome, InferenceError):
-            print(f"xorserve score: error: the server at {args.url}: {_one_line(outcome)}", file=sys.stderr)
+            # A TLS mismatch's line names the server itself.
+            where = "" if outcome.tls_mismatch else f"the server at {args.url}: "
+            print(f"xorserve score: error: {where}{_one_line(outcome)}", file=sys.stderr)
             return outcome.exit_code
         if not isinstance(outcome, Exception):
             raise outcome  # SystemExit and the like: not ours to map

@@ -22,12 +22,18 @@ from pathlib import Path
 
 from serving.cli.flags import USAGE, Parser, device, flag, model_repository, number
 from serving.devices import DeviceUnavailableError
+from serving.protocol import OPEN_BY_DEFAULT
 
 log = logging.getLogger(__name__)
 
 MiB = 1024 * 1024
 port = number(int, minimum=0, maximum=65535)
 positive = number(int, minimum=1)
+
+
+def names(text: str) -> tuple[str, ...]:
+    """A comma-separated list (empty: none)."""
+    return tuple(name.strip() for name in text.split(",") if name.strip())
 
 
 def add_arguments(parser: Parser) -> None:
@@ -136,6 +142,40 @@ def add_arguments(parser: Parser) -> None:
     )
     flag(
         parser,
+        "--tls-cert",
+        env="SERVE_TLS_CERT",
+        type=Path,
+        help="serve TLS with this certificate (PEM; with --tls-key); replaced files are used for new connections",
+    )
+    flag(parser, "--tls-key", env="SERVE_TLS_KEY", type=Path, help="the private key (PEM) of --tls-cert")
+    flag(
+        parser,
+        "--tls-client-ca",
+        type=Path,
+        help="require a client certificate signed by this CA (PEM): mutual TLS; needs --tls-cert",
+    )
+    flag(
+        parser,
+        "--auth-token-file",
+        type=Path,
+        help="require 'authorization: Bearer <token>' with a token from this file (one per line) on every RPC "
+        "but --auth-open; the file is read again when it changes",
+    )
+    flag(
+        parser,
+        "--auth-open",
+        type=names,
+        default=",".join(OPEN_BY_DEFAULT),
+        help="with --auth-token-file, the RPCs open without a token: methods of the inference service, "
+        "Service/Method or whole services, comma-separated; empty: none",
+    )
+    flag(
+        parser,
+        "--metrics-host",
+        help="host of the /metrics endpoint (plain HTTP); default: the gRPC --host",
+    )
+    flag(
+        parser,
         "--workers",
         type=positive,
         default=1,
@@ -168,6 +208,12 @@ def config_from_args(args: argparse.Namespace):
         repository_poll_s=args.repository_poll_s,
         load_models=tuple(args.load_model),
         strict_readiness=args.strict_readiness,
+        tls_cert=args.tls_cert,
+        tls_key=args.tls_key,
+        tls_client_ca=args.tls_client_ca,
+        auth_token_file=args.auth_token_file,
+        auth_open=tuple(args.auth_open),
+        metrics_host=args.metrics_host,
         workers=args.workers,
     )
 

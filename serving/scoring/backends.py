@@ -10,8 +10,12 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from serving.client.connect import Security
 
 log = logging.getLogger(__name__)
 
@@ -81,11 +85,17 @@ class RemoteScorer:
         version: str = "",
         timeout_s: float = 30.0,
         retries: int = 5,
+        *,
+        security: Security | None = None,
     ):
         from serving.client import InferenceClient
+        from serving.client.connect import PLAINTEXT
 
         # retries: how long a server that is starting, draining or full may keep us waiting (with backoff).
-        self._client = InferenceClient(url, model=model, version=version, timeout_s=timeout_s, retries=retries)
+        # security: TLS and the bearer token (serving.client.connect; None: plaintext, no token).
+        self._client = InferenceClient(
+            url, model=model, version=version, timeout_s=timeout_s, retries=retries, security=security or PLAINTEXT
+        )
         try:
             metadata = self._client.metadata()  # also the reachability check: raises UNAVAILABLE after retries
             inputs, outputs = metadata.get("inputs", []), [o["name"] for o in metadata.get("outputs", [])]

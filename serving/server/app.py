@@ -47,6 +47,15 @@ from serving.server.dataplane import DataPlane
 from serving.server.health import NOT_SERVING, SERVING, Health
 from serving.server.metrics import Metrics
 from serving.server.models import Models
+from serving.server.security import (
+    DEFAULT_OPEN,
+    SecurityConfigError,
+    TlsFiles,
+    TokenAuth,
+    TokenFile,
+    open_methods,
+    tls_credentials,
+)
 from serving.server.servicer import InferenceServicer, add_to_server
 
 log = logging.getLogger(__name__)
@@ -89,6 +98,14 @@ class ServerConfig:
     repository_poll_s: float = 15.0
     load_models: tuple[str, ...] = ()  # loaded at start-up in explicit mode
     strict_readiness: bool = True
+    # Security (serving.server.security, docs/security.md): TLS when tls_cert and tls_key are set, mutual
+    # TLS with tls_client_ca; bearer tokens with auth_token_file, on every RPC but those named in auth_open.
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_client_ca: Path | None = None
+    auth_token_file: Path | None = None
+    auth_open: tuple[str, ...] = DEFAULT_OPEN
+    metrics_host: str | None = None  # None: the gRPC host
     workers: int = 1  # processes `xorserve serve` runs; start_server always serves in this one
     # Set by the parent of several workers: this process is worker `worker`. It shares `port` with the
     # others (SO_REUSEPORT) and records metrics in PROMETHEUS_MULTIPROC_DIR for the parent, which
@@ -128,7 +145,7 @@ class RunningServer:
 
     @property
     def metrics_address(self) -> str:
-        return f"{self.host}:{self.metrics_port}"
+        return f"{self.config.metrics_host or self.host}:{self.metrics_port}"
 
     @property
     def ready(self) -> bool:
@@ -242,7 +259,9 @@ async def start_server(config: ServerConfig) -> RunningServer:
         strict_readiness=config.strict_readiness,
         max_request_rows=config.max_request_rows,
     )
+    credentials, interceptors = _security(config, metrics)
     server = grpc.aio.server(
+        interceptors=interceptors,
         options=[
             ("grpc.max_send_message_length", config.max_message_bytes),
             ("grpc.max_receive_message_length", config.max_message_bytes),
@@ -257,14 +276,22 @@ async def start_server(config: ServerConfig) -> RunningServer:
     reflection.enable_server_reflection(
         (SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server
     )
-    grpc_port = server.add_insecure_port(f"{config.host}:{config.port}")
+    address = f"{config.host}:{config.port}"
+    grpc_port = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
     if grpc_port == 0:
         raise OSError(f"cannot listen on {config.host}:{config.port}")
-    metrics_port = config.metrics_port if is_worker else metrics.serve(config.host, config.metrics_port)
+    metrics_host = config.metrics_host or config.host
+    metrics_port = config.metrics_port if is_worker else metrics.serve(metrics_host, config.metrics_port)
     metrics.start()
     await server.start()
     running = RunningServer(config, server, plane, servicer, health, metrics, grpc_port, metrics_port)
-    log.info("event=listening grpc=%s metrics=%s", running.address, running.metrics_address)
+    log.info(
+        "event=listening grpc=%s metrics=%s tls=%s auth=%s",
+        running.address,
+        running.metrics_address,
+        "mutual" if config.tls_client_ca else "on" if credentials else "off",
+        "token" if interceptors else "off",
+    )
     try:
         await plane.load()
     except BaseException:
@@ -277,6 +304,23 @@ async def start_server(config: ServerConfig) -> RunningServer:
     else:
         log.error("event=not_ready failed=%s", ",".join(sorted(plane.failures)))
     return running
+
+
+def _security(config: ServerConfig, metrics: Metrics) -> tuple[grpc.ServerCredentials | None, list]:
+    """The server's TLS credentials (None: plaintext) and interceptors (the token check, when a token file is
+    set); SecurityConfigError when a setting cannot work."""
+    if (config.tls_cert is None) != (config.tls_key is None):
+        raise SecurityConfigError("--tls-cert and --tls-key go together: TLS needs the certificate and its key")
+    if config.tls_client_ca is not None and config.tls_cert is None:
+        raise SecurityConfigError("--tls-client-ca needs --tls-cert and --tls-key: mutual TLS is TLS first")
+    credentials = None
+    if config.tls_cert is not None:
+        credentials = tls_credentials(TlsFiles(config.tls_cert, config.tls_key, config.tls_client_ca))
+    interceptors = []
+    if config.auth_token_file is not None:
+        tokens = TokenFile(config.auth_token_file)
+        interceptors.append(TokenAuth(tokens, open_methods(config.auth_open), metrics.auth_failure))
+    return credentials, interceptors
 
 
 def _process_age_s() -> float | None:

@@ -312,7 +312,16 @@ class Metrics:
             if multiprocess
             else None
         )
+        self.auth_failures = Counter(
+            "xorserve_auth_failures",
+            "RPCs refused UNAUTHENTICATED (--auth-token-file), by reason: missing, malformed or wrong token",
+            ("reason",),
+            registry=self.store,
+        )
         self._http: WSGIServer | None = None
+
+    def auth_failure(self, reason: str) -> None:
+        self.auth_failures.labels(reason).inc()
 
     def observations(self, histogram: str, labels: tuple[str, ...]) -> Observations:
         """The request path's collector of one histogram's observations for one model version."""

@@ -183,7 +183,7 @@ class _Supervisor:
             )
             for index in range(self.config.workers):
                 self.restarts.labels(str(index))
-            http = serve_metrics(self.config.host, self.config.metrics_port, shown)
+            http = serve_metrics(self.config.metrics_host or self.config.host, self.config.metrics_port, shown)
             self.metrics_port = http.server_port
             self._start_workers()
             if self._wait_until_reported():
@@ -299,21 +299,22 @@ class _Supervisor:
 
     def _announce(self) -> None:
         host, port, metrics_port = self.config.host, self.port, self.metrics_port
+        metrics_host = self.config.metrics_host or host
         self.first_failures = {model for w in self.workers for model in w.reported[2]}
         if all(w.reported[1] for w in self.workers):
-            print(f"READY grpc={host}:{port} metrics={host}:{metrics_port} startup_s={startup_s()}", flush=True)
+            print(f"READY grpc={host}:{port} metrics={metrics_host}:{metrics_port} startup_s={startup_s()}", flush=True)
             log.info(
                 "event=ready workers=%d grpc=%s:%d metrics=%s:%d",
                 len(self.workers),
                 host,
                 port,
-                host,
+                metrics_host,
                 metrics_port,
             )
         else:
             # As a lone server does: a model that failed to load leaves the workers up and not ready.
             failed = ",".join(sorted(self.first_failures))
-            print(f"NOT_READY grpc={host}:{port} metrics={host}:{metrics_port} failed={failed}", flush=True)
+            print(f"NOT_READY grpc={host}:{port} metrics={metrics_host}:{metrics_port} failed={failed}", flush=True)
 
     def _wait_while_serving(self) -> None:
         """Serves until a signal or a crash loop, restarting the workers that die once their back-off passed."""
