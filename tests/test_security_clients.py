@@ -16,6 +16,7 @@ import asyncio
 import json
 import os
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
@@ -38,35 +39,30 @@ NO_CLIENT_CERT = "the server requires a client certificate (mutual TLS): pass --
 REFUSED_CLIENT_CERT = "the server refused this client's certificate"
 
 
-@pytest.fixture(scope="module")
-def tls_server(model_repository: Path, tls_files: TlsFiles):
-    """TLS, and every RPC but the open ones requires the token."""
+def _serving(model_repository: Path, tls_files: TlsFiles, **security) -> Iterator[ServerThread]:
     config = ServerConfig(
         model_repository=model_repository,
         device="cpu",
         tls_cert=tls_files.server_cert,
         tls_key=tls_files.server_key,
         auth_token_file=tls_files.token_file,
+        **security,
     )
     handle = ServerThread(config).start()
     yield handle
     handle.stop()
+
+
+@pytest.fixture(scope="module")
+def tls_server(model_repository: Path, tls_files: TlsFiles):
+    """TLS, and every RPC but the open ones requires the token."""
+    yield from _serving(model_repository, tls_files)
 
 
 @pytest.fixture(scope="module")
 def mtls_server(model_repository: Path, tls_files: TlsFiles):
     """Mutual TLS (a client certificate signed by tls_files.ca), and the token."""
-    config = ServerConfig(
-        model_repository=model_repository,
-        device="cpu",
-        tls_cert=tls_files.server_cert,
-        tls_key=tls_files.server_key,
-        tls_client_ca=tls_files.ca,
-        auth_token_file=tls_files.token_file,
-    )
-    handle = ServerThread(config).start()
-    yield handle
-    handle.stop()
+    yield from _serving(model_repository, tls_files, tls_client_ca=tls_files.ca)
 
 
 @pytest.fixture(scope="module")

