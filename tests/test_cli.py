@@ -241,3 +241,17 @@ def test_every_command_in_the_readme_and_docs_parses(where, args):
         parse(parser, rest) if parse else parser.parse_args(rest)
     except SystemExit as exc:
         pytest.fail(f"{where}: exits {exc.code} on parsing")
+
+
+def test_an_empty_variable_counts_as_unset_for_a_flag_that_is_off_unless_given(monkeypatch):
+    from pathlib import Path
+
+    from serving.cli.flags import flag
+
+    monkeypatch.setenv("XORSERVE_TOKEN_FILE", "")
+    parser = Parser(prog="t")
+    flag(parser, "--token-file", type=Path, help="t")
+    assert parser.parse_args([]).token_file is None  # not Path("") == Path(".")
+    monkeypatch.setenv("XORSERVE_PORT", "")
+    with pytest.raises(UsageError, match="XORSERVE_PORT=''"):  # a flag with a default still checks the value
+        flag(Parser(prog="t"), "--port", type=number(int, minimum=0), default=8001, help="p")
