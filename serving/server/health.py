@@ -1,5 +1,6 @@
 """grpc.health.v1 for the server: Check and Watch, per service name ("" the whole server, the inference
-service, and each model by its name), and a drain that ends the Watch streams.
+service, each model by its name, and "liveness": SERVING while the process answers), and a drain that ends
+the Watch streams.
 
 grpc_health's own aio servicer keeps a Watch stream open until its client goes. A server that drains
 waits for every call it accepted, so one watcher would hold the drain up to its grace and then be
@@ -18,11 +19,14 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 SERVICE_UNKNOWN = health_pb2.HealthCheckResponse.SERVICE_UNKNOWN
+# The service name of liveness, as ServerLive: SERVING while the process answers, through a drain too
+# (a Kubernetes gRPC liveness probe on "" would restart a pod whose model failed to load, or one draining).
+LIVENESS = "liveness"
 
 
 class Health(health_pb2_grpc.HealthServicer):
     def __init__(self) -> None:
-        self._status: dict[str, int] = {"": NOT_SERVING}
+        self._status: dict[str, int] = {"": NOT_SERVING, LIVENESS: SERVING}
         self._changed = asyncio.Condition()  # one for every service: a watcher compares its own status
         self._shutting_down = False
         self._ended = False
@@ -58,7 +62,7 @@ class Health(health_pb2_grpc.HealthServicer):
         """Every service NOT_SERVING, for good."""
         async with self._changed:
             self._shutting_down = True
-            self._status = dict.fromkeys(self._status, NOT_SERVING)
+            self._status = dict.fromkeys(self._status, NOT_SERVING) | {LIVENESS: SERVING}
             self._changed.notify_all()
 
     async def end_watches(self) -> None:

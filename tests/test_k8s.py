@@ -1,0 +1,188 @@
+"""deploy/k8s/, checked without a cluster (docs/kubernetes.md): every manifest against the Kubernetes OpenAPI
+schemas of a pinned version (kubernetes-validate, strict: an unknown field fails), every command line and
+variable against the commands themselves, and the server's container run as the manifest runs it, probed
+as the kubelet would probe it, through a drain.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import grpc
+import kubernetes_validate
+import pytest
+import yaml
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from test_compose import parse_locust, parse_xorserve
+
+from serving.cli.main import command_parser
+
+ROOT = Path(__file__).resolve().parent.parent
+MANIFESTS = sorted((ROOT / "deploy" / "k8s").glob("*.yaml"))
+KUBERNETES = "1.33.0"  # the schemas the manifests are checked against
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+def documents() -> list[tuple[str, dict]]:
+    return [(path.name, doc) for path in MANIFESTS for doc in yaml.safe_load_all(path.read_text()) if doc]
+
+
+def by_kind(kind: str) -> list[dict]:
+    return [doc for _, doc in documents() if doc["kind"] == kind]
+
+
+def server_deployment() -> dict:
+    (deployment,) = [d for d in by_kind("Deployment") if d["metadata"]["name"] == "xorserve"]
+    return deployment
+
+
+def server_container(deployment: dict) -> dict:
+    (container,) = [c for c in deployment["spec"]["template"]["spec"]["containers"] if c["name"] == "server"]
+    return container
+
+
+@pytest.mark.parametrize(("where", "doc"), documents(), ids=lambda v: v if isinstance(v, str) else v["kind"])
+def test_every_manifest_is_valid_against_the_kubernetes_schemas_strictly(where, doc):
+    kubernetes_validate.validate(doc, KUBERNETES, strict=True)
+
+
+def test_a_field_the_schema_does_not_know_fails_the_check():
+    wrong = server_deployment()
+    wrong["spec"]["template"]["spec"]["containers"][0]["argz"] = ["xorserve"]
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(wrong, KUBERNETES, strict=True)
+
+
+def containers() -> list[dict]:
+    found = []
+    for _, doc in documents():
+        spec = doc.get("spec", {})
+        pod = spec.get("template", {}).get("spec")
+        if pod:
+            found += pod.get("initContainers", []) + pod["containers"]
+    return found
+
+
+@pytest.mark.parametrize("container", containers(), ids=lambda c: c["name"])
+def test_every_command_and_variable_is_one_the_command_takes(container):
+    command = container.get("args") or container.get("command")
+    if command[0] == "xorserve":
+        parse_xorserve(command)
+        parser, _ = command_parser(command[1])
+        for variable in (e["name"] for e in container.get("env", []) if e["name"].startswith("XORSERVE_")):
+            assert variable in parser.env_flags, f"{container['name']}: xorserve {command[1]} reads no {variable}"
+    else:
+        parse_locust(command)
+
+
+@pytest.mark.parametrize("container", containers(), ids=lambda c: c["name"])
+def test_every_container_runs_as_non_root_on_a_read_only_root_filesystem(container):
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+    assert container["securityContext"]["allowPrivilegeEscalation"] is False
+    assert container["resources"]["requests"] and container["resources"]["limits"]
+
+
+def test_the_model_the_init_container_trains_is_where_the_server_reads_it():
+    pod = server_deployment()["spec"]["template"]["spec"]
+    (train,) = pod["initContainers"]
+    trained = parse_xorserve(train["command"])
+    served = parse_xorserve(server_container(server_deployment())["args"])
+    mounts = {m["name"]: m["mountPath"] for m in train["volumeMounts"]}
+    server_mounts = {m["name"]: m for m in server_container(server_deployment())["volumeMounts"]}
+    assert str(trained.out).startswith(mounts["models"] + "/")
+    assert served.model_repository == Path(server_mounts["models"]["mountPath"])
+    assert server_mounts["models"]["readOnly"] is True
+    assert {v["name"]: v for v in pod["volumes"]}["models"]["emptyDir"] == {}
+
+
+def test_the_service_autoscaler_and_budget_point_at_the_server():
+    deployment = server_deployment()
+    labels = deployment["spec"]["template"]["metadata"]["labels"]
+    container = server_container(deployment)
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    served = parse_xorserve(container["args"])
+    assert ports == {"grpc": served.port, "metrics": served.metrics_port}
+    (service,) = [s for s in by_kind("Service") if s["metadata"]["name"] == "xorserve"]
+    assert service["spec"]["selector"] == labels
+    grpc_port = {p["name"]: p for p in service["spec"]["ports"]}["grpc"]
+    assert grpc_port["targetPort"] == "grpc" and grpc_port["appProtocol"] == "kubernetes.io/h2c"
+    (hpa,) = by_kind("HorizontalPodAutoscaler")
+    assert hpa["spec"]["scaleTargetRef"]["name"] == deployment["metadata"]["name"]
+    assert hpa["spec"]["minReplicas"] >= 2
+    (pdb,) = by_kind("PodDisruptionBudget")
+    assert pdb["spec"]["selector"]["matchLabels"] == labels
+    assert pdb["spec"]["minAvailable"] < hpa["spec"]["minReplicas"]  # a node can still be drained
+
+
+def test_the_kubelet_waits_for_the_drain_and_a_rolling_update_keeps_every_replica():
+    deployment = server_deployment()
+    served = parse_xorserve(server_container(deployment)["args"])
+    assert served.drain_delay_s > 0  # the endpoints drop the pod while it still answers
+    assert deployment["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] > served.grace_s
+    assert deployment["spec"]["strategy"]["rollingUpdate"]["maxUnavailable"] == 0
+    master = [j for j in by_kind("Job") if j["metadata"]["name"] == "xorserve-locust-master"][0]
+    host = master["spec"]["template"]["spec"]["containers"][0]["command"]
+    assert host[host.index("--host") + 1] == f"xorserve:{served.port}"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def probe(port: int, service: str) -> int | None:
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        try:
+            return (
+                health_pb2_grpc.HealthStub(channel)
+                .Check(health_pb2.HealthCheckRequest(service=service), timeout=2)
+                .status
+            )
+        except grpc.RpcError:
+            return None
+
+
+@pytest.mark.slow
+def test_the_server_container_as_the_manifest_runs_it_passes_its_probes_and_drains(shipped_model_repository):
+    """The container's args and env, with two substitutions that a test machine needs: the models volume's
+    mount path becomes the shipped models/ folder, and the ports free ones. The probes are the kubelet's:
+    grpc.health.v1 Check on the probe's port and service."""
+    container = server_container(server_deployment())
+    args = list(container["args"])
+    mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
+    port, metrics_port = free_port(), free_port()
+    replace = {mounts["models"]: str(shipped_model_repository), "8001": str(port), "8002": str(metrics_port)}
+    args = [replace.get(a, a) for a in args]
+    env = {**os.environ, **{e["name"]: e["value"] for e in container["env"]}, "HOME": os.environ.get("HOME", "/tmp")}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "serving.cli", *args[1:]],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    try:
+        assert process.stdout.readline().startswith("READY "), "the server did not start"
+        probes = {name: container[name] for name in ("startupProbe", "readinessProbe", "livenessProbe")}
+        for name, spec in probes.items():
+            assert spec["grpc"]["port"] == 8001, name
+            assert probe(port, spec["grpc"].get("service", "")) == SERVING, name
+        process.send_signal(signal.SIGTERM)
+        time.sleep(1.0)  # within --drain-delay-s: still answering, but not ready
+        ready, live = probes["readinessProbe"]["grpc"].get("service", ""), probes["livenessProbe"]["grpc"]["service"]
+        assert probe(port, ready) == NOT_SERVING
+        assert probe(port, live) == SERVING  # a liveness probe must not restart a draining pod
+        served = parse_xorserve(container["args"])
+        assert process.wait(timeout=served.grace_s + 5) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
