@@ -1,7 +1,11 @@
 """deploy/k8s/, checked without a cluster (docs/kubernetes.md): every manifest against the Kubernetes OpenAPI
 schemas of a pinned version (kubernetes-validate, strict: an unknown field fails), every command line and
-variable against the commands themselves, and the server's container run as the manifest runs it, probed
-as the kubelet would probe it, through a drain.
+variable against the commands themselves, the GPU overlay as kustomize would build it, and the server's
+container run as the manifest runs it, probed as the kubelet would probe it, through a drain.
+
+No kustomize binary here: `overlay` applies the overlay's strategic-merge patch with the rules that patch
+uses (maps merge, containers merge by name, other lists are replaced), and the test checks that the
+kustomizations name exactly the files it reads.
 """
 
 from __future__ import annotations
@@ -24,7 +28,8 @@ from test_compose import parse_locust, parse_xorserve
 from serving.cli.main import command_parser
 
 ROOT = Path(__file__).resolve().parent.parent
-MANIFESTS = sorted((ROOT / "deploy" / "k8s").glob("*.yaml"))
+K8S = ROOT / "deploy" / "k8s"
+MANIFESTS = sorted(path for path in K8S.glob("*.yaml") if path.name != "kustomization.yaml")
 KUBERNETES = "1.33.0"  # the schemas the manifests are checked against
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
@@ -186,3 +191,44 @@ def test_the_server_container_as_the_manifest_runs_it_passes_its_probes_and_drai
         if process.poll() is None:
             process.kill()
             process.wait()
+
+
+def strategic_merge(base, patch):
+    """The strategic-merge rules the GPU patch relies on: maps merge key by key; a list of maps with `name`
+    (containers) merges item by item by name; any other list is replaced."""
+    if isinstance(base, dict) and isinstance(patch, dict):
+        return {**base, **{k: strategic_merge(base[k], v) if k in base else v for k, v in patch.items()}}
+    if (
+        isinstance(base, list)
+        and isinstance(patch, list)
+        and all(isinstance(i, dict) and "name" in i for i in base + patch)
+    ):
+        merged = {item["name"]: item for item in base}
+        for item in patch:
+            merged[item["name"]] = strategic_merge(merged[item["name"]], item) if item["name"] in merged else item
+        return list(merged.values())
+    return patch
+
+
+def gpu_deployment() -> dict:
+    base = yaml.safe_load((K8S / "kustomization.yaml").read_text())
+    assert sorted(base["resources"]) == sorted(path.name for path in MANIFESTS)
+    overlay = yaml.safe_load((K8S / "gpu" / "kustomization.yaml").read_text())
+    assert overlay["resources"] == [".."]
+    (patch_file,) = [p["path"] for p in overlay["patches"]]
+    patch = yaml.safe_load((K8S / "gpu" / patch_file).read_text())
+    assert (patch["kind"], patch["metadata"]["name"]) == ("Deployment", "xorserve")
+    return strategic_merge(server_deployment(), patch)
+
+
+def test_the_gpu_overlay_asks_for_one_gpu_serves_with_cuda_and_differs_in_nothing_else():
+    gpu, cpu = gpu_deployment(), server_deployment()
+    kubernetes_validate.validate(gpu, KUBERNETES, strict=True)
+    container = server_container(gpu)
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    assert container["resources"]["limits"]["cpu"] == server_container(cpu)["resources"]["limits"]["cpu"]
+    served, base_args = parse_xorserve(container["args"]), parse_xorserve(server_container(cpu)["args"])
+    assert served.device == "cuda" and base_args.device == "cpu"
+    assert {**vars(served), "device": "cpu"} == vars(base_args)  # the same flags otherwise
+    assert container["readinessProbe"] == server_container(cpu)["readinessProbe"]  # kept by the merge
+    assert gpu["spec"]["template"]["spec"]["initContainers"] == cpu["spec"]["template"]["spec"]["initContainers"]
