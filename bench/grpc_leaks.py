@@ -139,15 +139,12 @@ def main() -> None:
     if args.target == "xorserve":
         flags = ["--device", "cpu", "--log-level", "WARNING"]
         with ServerProcess.start(ROOT / "models", flags, 120.0, "0") as server:
-            process = psutil.Process(server.process.pid)
-            process = next(iter(process.children()), process) if process.name() == "taskset" else process
-            asyncio.run(measure(args.load, server.url, process.pid, args.seconds))
+            # taskset sets the affinity and execs the server in place: its pid is the server's.
+            asyncio.run(measure(args.load, server.url, server.process.pid, args.seconds))
     elif args.load == "deadlines":
         peer = start_null("0", mode="ort")
         try:
-            process = psutil.Process(peer.process.pid)
-            process = next(iter(process.children()), process) if process.name() == "taskset" else process
-            asyncio.run(measure(args.load, f"127.0.0.1:{peer.port}", process.pid, args.seconds))
+            asyncio.run(measure(args.load, f"127.0.0.1:{peer.port}", peer.process.pid, args.seconds))
         finally:
             peer.stop()
     else:

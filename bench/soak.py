@@ -189,9 +189,7 @@ async def soak(minutes, clients, storm, sample_s, flags, server_cpus, client_cpu
         os.sched_setaffinity(0, {int(c) for c in client_cpus.split(",")})
     extra = ["--device", "cpu", "--log-level", "WARNING", *flags]
     server = await asyncio.to_thread(ServerProcess.start, ROOT / "models", extra, 120.0, server_cpus)
-    process = psutil.Process(server.process.pid)
-    if server_cpus:  # taskset runs the server: its child is the process to watch
-        process = next(iter(process.children()), process) if process.name() == "taskset" else process
+    process = psutil.Process(server.process.pid)  # (taskset sets the affinity and execs the server in place)
     load = Load(server.url, cancel_every)
     options = [("grpc.max_send_message_length", 64 << 20), ("grpc.max_receive_message_length", 64 << 20)]
     channels = [grpc.aio.insecure_channel(server.url, options=options) for _ in range(4)]
