@@ -13,7 +13,7 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q -c constraints.txt pip setuptools
-	$(PY) -m pip install -q -c constraints.txt -e '.[train,serve,loadtest,dev]'
+	$(PY) -m pip install -q -c constraints.txt -e '.[train,serve,loadtest,dev,ray]'
 	touch $(STAMP)
 
 demo: $(STAMP)

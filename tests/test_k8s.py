@@ -10,29 +10,19 @@ kustomizations name exactly the files it reads.
 
 from __future__ import annotations
 
-import os
 import signal
-import socket
-import subprocess
-import sys
 import time
 from pathlib import Path
 
-import grpc
 import kubernetes_validate
 import pytest
 import yaml
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from manifests import KUBERNETES, NOT_SERVING, SERVING, free_port, probe, running, xorserve_command
 from test_compose import parse_locust, parse_xorserve
-
-from serving.cli.main import command_parser
 
 ROOT = Path(__file__).resolve().parent.parent
 K8S = ROOT / "deploy" / "k8s"
 MANIFESTS = sorted(path for path in K8S.glob("*.yaml") if path.name != "kustomization.yaml")
-KUBERNETES = "1.33.0"  # the schemas the manifests are checked against
-SERVING = health_pb2.HealthCheckResponse.SERVING
-NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 
 def documents() -> list[tuple[str, dict]]:
@@ -79,10 +69,7 @@ def containers() -> list[dict]:
 def test_every_command_and_variable_is_one_the_command_takes(container):
     command = container.get("args") or container.get("command")
     if command[0] == "xorserve":
-        parse_xorserve(command)
-        parser, _ = command_parser(command[1])
-        for variable in (e["name"] for e in container.get("env", []) if e["name"].startswith("XORSERVE_")):
-            assert variable in parser.env_flags, f"{container['name']}: xorserve {command[1]} reads no {variable}"
+        xorserve_command(container)
     else:
         parse_locust(command)
 
@@ -137,45 +124,16 @@ def test_the_kubelet_waits_for_the_drain_and_a_rolling_update_keeps_every_replic
     assert host[host.index("--host") + 1] == f"xorserve:{served.port}"
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def probe(port: int, service: str) -> int | None:
-    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
-        try:
-            return (
-                health_pb2_grpc.HealthStub(channel)
-                .Check(health_pb2.HealthCheckRequest(service=service), timeout=2)
-                .status
-            )
-        except grpc.RpcError:
-            return None
-
-
 @pytest.mark.slow
 def test_the_server_container_as_the_manifest_runs_it_passes_its_probes_and_drains(shipped_model_repository):
     """The container's args and env, with two substitutions that a test machine needs: the models volume's
     mount path becomes the shipped models/ folder, and the ports free ones. The probes are the kubelet's:
     grpc.health.v1 Check on the probe's port and service."""
     container = server_container(server_deployment())
-    args = list(container["args"])
     mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
     port, metrics_port = free_port(), free_port()
     replace = {mounts["models"]: str(shipped_model_repository), "8001": str(port), "8002": str(metrics_port)}
-    args = [replace.get(a, a) for a in args]
-    env = {**os.environ, **{e["name"]: e["value"] for e in container["env"]}, "HOME": os.environ.get("HOME", "/tmp")}
-    process = subprocess.Popen(
-        [sys.executable, "-m", "serving.cli", *args[1:]],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-    )
-    try:
-        assert process.stdout.readline().startswith("READY "), "the server did not start"
+    with running(container, replace) as process:
         probes = {name: container[name] for name in ("startupProbe", "readinessProbe", "livenessProbe")}
         for name, spec in probes.items():
             assert spec["grpc"]["port"] == 8001, name
@@ -187,10 +145,6 @@ def test_the_server_container_as_the_manifest_runs_it_passes_its_probes_and_drai
         assert probe(port, live) == SERVING  # a liveness probe must not restart a draining pod
         served = parse_xorserve(container["args"])
         assert process.wait(timeout=served.grace_s + 5) == 0
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
 
 
 def strategic_merge(base, patch):
