@@ -1,9 +1,14 @@
-"""Score a CSV or Parquet file through a server (--url) or in-process (--model-dir), streaming, every row
-accounted for.
+"""Score a CSV or Parquet file (or a folder or glob of them) through a server (--url) or in-process
+(--model-dir), streaming, every row accounted for; or with --engine ray on a Ray cluster's cores.
 
 Writes the input's columns plus `probability` (float32) and `label` (probability >= 0.5), in input
 order, as CSV or Parquet by OUTPUT's name. The output appears under its name only when the run
 succeeds: it is written to a hidden temporary file in the same folder and renamed at the end.
+
+A folder or glob is read file by file in name order; rows are numbered within their file, and the
+errors file starts with a `file` column. --engine ray (needs --model-dir and the `ray` extra) writes
+OUTPUT as a new folder of Parquet files, with the same rows, numbers and errors file as the local
+engine (docs/scoring.md, "On a Ray cluster").
 
 Rows whose features are missing, non-numeric, non-finite or out of float32 range, and CSV records
 with the wrong number of fields, are not scored: they go to the errors file (`row,reason,detail`;
@@ -21,7 +26,8 @@ exit status:
      the server refuses as invalid, credentials it refuses: UNAUTHENTICATED, no --token-file or a token
      it does not accept): one line on stderr; nothing written (an existing OUTPUT or errors file is
      left as it was)
-  3  the server or its model could not be reached, also when this client and the server do not speak
+  3  the server or its model (or, with --engine ray, the Ray cluster at --ray-address) could not be
+     reached, also when this client and the server do not speak
      the same (plaintext at a TLS server, TLS at a plaintext one, a certificate one side does not
      trust: the line says which): one line on stderr; nothing written
   130 interrupted (SIGINT, Ctrl-C): nothing written
@@ -53,6 +59,7 @@ from serving.cli.flags import (
     CHECK_FAILED,
     INTERRUPTED,
     OK,
+    UNREACHABLE,
     USAGE,
     Parser,
     device,
@@ -76,8 +83,24 @@ class UsageError(ValueError):
 
 
 def add_arguments(parser: Parser) -> None:
-    parser.add_argument("input", metavar="INPUT", help="CSV with a header line (also .csv.gz ...) or Parquet file")
-    parser.add_argument("output", metavar="OUTPUT", help="file to write: .csv (or .csv.gz ...) or .parquet/.pq")
+    parser.add_argument(
+        "input",
+        metavar="INPUT",
+        help="CSV with a header line (also .csv.gz ...) or Parquet file; or a folder or glob of such files",
+    )
+    parser.add_argument(
+        "output",
+        metavar="OUTPUT",
+        help="file to write: .csv (or .csv.gz ...) or .parquet/.pq; with --engine ray a new folder of Parquet files",
+    )
+    flag(
+        parser,
+        "--engine",
+        choices=("local", "ray"),
+        default="local",
+        help="local: this process's threads; ray: Ray Data actors on a Ray cluster's cores (needs --model-dir and "
+        "the ray extra: pip install 'xorserve[ray]')",
+    )
     url(parser, help="score through the server at HOST:PORT", default=None)
     flag(parser, "--model-dir", help="score in-process with the model in this folder (model.onnx), e.g. models/xor/1")
     model(parser, help="with --url: the served model's name")
@@ -100,7 +123,20 @@ def add_arguments(parser: Parser) -> None:
         "--concurrency",
         type=number(int, minimum=1),
         default=4,
-        help="chunks scored at once: requests in flight with --url",
+        help="chunks scored at once: requests in flight with --url; with --engine ray, the number of actors",
+    )
+    flag(
+        parser,
+        "--batch-size",
+        env="SCORE_BATCH_SIZE",  # XORSERVE_BATCH_SIZE is train's
+        type=number(int, minimum=1),
+        help="with --engine ray: rows per call of an actor (default: --chunk-rows)",
+    )
+    flag(
+        parser,
+        "--ray-address",
+        help="with --engine ray: the Ray cluster to join (HOST:6379, ray://HOST:10001 or auto); "
+        "default: a local one on this machine's cores, stopped at the end",
     )
     flag(
         parser,
@@ -143,6 +179,12 @@ def parse_args(parser: Parser, argv: list[str]) -> argparse.Namespace:
         parser.error("XORSERVE_URL and XORSERVE_MODEL_DIR are both set; choose with --url or --model-dir")
     elif not (args.url or args.model_dir):
         parser.error("give --url HOST:PORT (score through a server) or --model-dir DIR (score in-process)")
+    if args.engine == "ray" and args.url:
+        parser.error("--engine ray scores with --model-dir in Ray's actors, not through a server (--url)")
+    if args.engine != "ray":
+        unused = [name for name in ("--batch-size", "--ray-address") if any(w.split("=")[0] == name for w in argv)]
+        if unused:
+            parser.error(f"{' and '.join(unused)} go with --engine ray")
     return args
 
 
@@ -241,26 +283,34 @@ def _paths(args: argparse.Namespace) -> tuple[Path, Path]:
     return output, Path(args.errors) if args.errors else default_errors_path(output)
 
 
+def _check_inputs(files: list[Path], output: Path, errors: Path) -> None:
+    inputs = {path.resolve() for path in files}
+    if output.resolve() in inputs:
+        raise UsageError("OUTPUT is the INPUT; write the scores to another file")
+    if errors.resolve() == output.resolve() or errors.resolve() in inputs:
+        raise UsageError(f"the errors file {errors} would overwrite the input or the output")
+
+
 def score(args: argparse.Namespace) -> Summary:
     """Scores args.input into args.output (and the errors file); raises on failure, leaving neither."""
     from serving.scoring import interrupts
     from serving.scoring.pipeline import score_chunks
-    from serving.scoring.readers import detect_format, open_source
+    from serving.scoring.readers import detect_format, input_files, names_one_file, open_input
     from serving.scoring.writers import Outputs
 
     names = _feature_names(args.features)
     output, errors = _paths(args)
-    if output.resolve() == Path(args.input).resolve():
-        raise UsageError("OUTPUT is the INPUT; write the scores to another file")
-    if errors.resolve() in (output.resolve(), Path(args.input).resolve()):
-        raise UsageError(f"the errors file {errors} would overwrite the input or the output")
+    files, in_format = input_files(args.input, args.format)
+    _check_inputs(files, output, errors)
+    several = not names_one_file(args.input)
+    if args.engine == "ray":
+        return _score_with_ray(args, names, files, in_format, several, output, errors)
     _check_target(output, "OUTPUT")
     _check_target(errors, "the errors file")
-    in_format = detect_format(args.input, args.format)
     out_format = detect_format(output, args.output_format)
     typed_features = in_format == "csv" and out_format == "parquet"
 
-    source = open_source(args.input, in_format, args.chunk_rows)
+    source = open_input(args.input, files, in_format, args.chunk_rows)
     try:
         _check_columns(source.schema, names, args.input)
         schema = _output_schema(source.schema, names, typed_features)
@@ -268,7 +318,7 @@ def score(args: argparse.Namespace) -> Summary:
             interrupts.check()  # a signal noted while loading (e.g. in a library's `except:`) stops the run now
             log.debug("event=score_backend_ready %s", scorer.description)
             started = time.perf_counter()  # the data work: the model is loaded, the server reached
-            with Outputs(output, out_format, schema, errors) as outputs:
+            with Outputs(output, out_format, schema, errors, with_file=several) as outputs:
                 with _progress_bar(args, source.total_rows) as bar:
                     summary = score_chunks(
                         source.chunks(),
@@ -292,6 +342,101 @@ def score(args: argparse.Namespace) -> Summary:
     finally:
         source.close()
     return summary
+
+
+def _score_with_ray(
+    args: argparse.Namespace,
+    names: list[str],
+    files: list[Path],
+    in_format: str,
+    several: bool,
+    output: Path,
+    errors: Path,
+) -> Summary:
+    """`--engine ray` (serving.scoring.ray_engine): OUTPUT a new folder of Parquet files, the errors file as ever."""
+    import contextlib
+
+    from serving.scoring import interrupts, ray_engine
+    from serving.scoring.backends import InProcessScorer
+    from serving.scoring.readers import open_input
+    from serving.scoring.writers import AtomicDir, AtomicPath, ErrorsSink, commit_all
+
+    if (args.output_format or "parquet") != "parquet" or output.suffix.lower() in (".csv", *_compressions()):
+        raise UsageError("--engine ray writes OUTPUT as a folder of Parquet files; name a folder, not a CSV file")
+    if output.exists() and not (output.is_dir() and not any(output.iterdir())):
+        raise UsageError(f"OUTPUT {output} exists; --engine ray writes a new folder (remove it, or name another)")
+    if not output.parent.is_dir() or not os.access(output.parent, os.W_OK | os.X_OK):
+        raise UsageError(f"OUTPUT {output}: folder {output.parent} does not exist or is not writable")
+    _check_target(errors, "the errors file")
+    ray_engine.import_ray()  # before any work: without the extra, say how to install it
+    source = open_input(args.input, files, in_format, args.chunk_rows)  # every file's columns checked
+    try:
+        _check_columns(source.schema, names, args.input)
+        schema = source.schema
+    finally:
+        source.close()
+    taken = [name for name in schema.names if name.startswith(ray_engine.PREFIX)]
+    if taken:
+        raise UsageError(f"{args.input} has column {', '.join(map(repr, taken))}; --engine ray keeps that prefix")
+    typed_features = in_format == "csv"
+    model = Path(args.model_dir)
+    if model.is_dir():
+        model = model / "model.onnx"
+    with InProcessScorer(model, len(names), device=args.device) as scorer:  # the model's checks, here and now
+        log.debug("event=score_backend_ready engine=ray %s", scorer.description)
+    plan = ray_engine.Plan(
+        files=[str(path) for path in files],
+        fmt=in_format,
+        schema=schema,
+        output_schema=_output_schema(schema, names, typed_features),
+        feature_names=names,
+        typed_features=typed_features,
+        chunk_rows=args.chunk_rows,
+        several=several,
+    )
+    session = ray_engine.Session(args.ray_address)  # before any file of the run exists (see Session)
+    started = time.perf_counter()  # the data work, as for the local engine: Ray is up, the model checked
+    paths: list = []
+    sink = None
+    try:
+        with interrupts.deferred():
+            paths.append(AtomicPath(errors))
+            paths.append(AtomicDir(output))
+            sink = ErrorsSink(paths[0], with_file=several)
+        summary = ray_engine.run(
+            session,
+            plan,
+            model,
+            paths[1].temp,
+            sink.write,
+            device=args.device,
+            concurrency=args.concurrency,
+            batch_size=args.batch_size or args.chunk_rows,
+            progress=not args.quiet and sys.stderr.isatty(),
+        )
+        interrupts.check()
+        sink.close()
+        commit_all(paths)
+    except BaseException:
+        with interrupts.deferred():
+            if sink is not None:
+                with contextlib.suppress(Exception):
+                    sink.abort()
+            for path in paths:
+                path.discard()
+        raise
+    finally:
+        with interrupts.deferred():
+            session.stop()
+    summary.seconds = time.perf_counter() - started
+    log.info("event=score_done engine=ray rows=%d seconds=%.3f", summary.rows_read, summary.seconds)
+    return summary
+
+
+def _compressions() -> tuple[str, ...]:
+    from serving.scoring.readers import COMPRESSIONS
+
+    return tuple(COMPRESSIONS)
 
 
 def _runs_the_program() -> bool:
@@ -346,6 +491,11 @@ def run(args: argparse.Namespace) -> int:
             where = "" if outcome.tls_mismatch else f"the server at {args.url}: "
             print(f"xorserve score: error: {where}{_one_line(outcome)}", file=sys.stderr)
             return outcome.exit_code
+        from serving.scoring.ray_engine import Unreachable
+
+        if isinstance(outcome, Unreachable):  # as a server that cannot be reached
+            print(f"xorserve score: error: {_one_line(outcome)}", file=sys.stderr)
+            return UNREACHABLE
         if not isinstance(outcome, Exception):
             raise outcome  # SystemExit and the like: not ours to map
         log.debug("event=score_failed", exc_info=outcome)

@@ -158,6 +158,15 @@ def deferred() -> contextlib.AbstractContextManager[None]:
     return contextlib.nullcontext() if guard is None else guard.deferred()
 
 
+def reclaim() -> None:
+    """Installs the running Guard's handlers again, after a library put its own in their place (Ray's driver
+    does, for SIGTERM, in `ray.init`)."""
+    guard = _current()
+    if guard is not None:
+        for sig in SIGNALS:
+            signal.signal(sig, guard._handle)
+
+
 def committing() -> contextlib.AbstractContextManager[None]:
     """The step that puts a run's files in place: not begun after a signal, not interrupted once begun.
 

@@ -42,7 +42,7 @@ class Summary:
 
 
 @dataclass
-class _Prepared:
+class Prepared:
     chunk: Chunk
     features: Features
     kept: pa.Table  # the chunk's rows that will be scored, in the output's column types
@@ -110,7 +110,21 @@ class _Prefetch:
         self._thread.join()
 
 
-def _scored(prepared: _Prepared, score: Callable[[np.ndarray], np.ndarray]) -> pa.Table:
+def prepare_chunk(chunk: Chunk, feature_names: list[str], typed_features: bool) -> Prepared:
+    """Validates a chunk: its feature matrix, its rejects (naming the chunk's file) and the rows to keep."""
+    found = features(chunk.table, feature_names, chunk.rows)
+    for reject in found.rejects:
+        reject.file = chunk.file
+    kept = chunk.table
+    if typed_features:
+        for name, values in found.parsed.items():
+            kept = kept.set_column(kept.schema.get_field_index(name), name, values)
+    if found.ok is not None:
+        kept = kept.filter(pa.array(found.ok))
+    return Prepared(chunk, found, kept)
+
+
+def scored_rows(prepared: Prepared, score: Callable[[np.ndarray], np.ndarray]) -> pa.Table:
     """The chunk's output rows; runs in the pool, so that the writing thread only writes."""
     x = prepared.features.x
     probabilities = score(x) if len(x) else np.empty(0, np.float32)
@@ -141,18 +155,11 @@ def score_chunks(
     held = _Held()
     started = time.perf_counter()
 
-    def prepare(chunk: Chunk) -> _Prepared:
+    def prepare(chunk: Chunk) -> Prepared:
         held.add(chunk.rows_read)
-        found = features(chunk.table, feature_names, chunk.rows)
-        kept = chunk.table
-        if typed_features:
-            for name, values in found.parsed.items():
-                kept = kept.set_column(kept.schema.get_field_index(name), name, values)
-        if found.ok is not None:
-            kept = kept.filter(pa.array(found.ok))
-        return _Prepared(chunk, found, kept)
+        return prepare_chunk(chunk, feature_names, typed_features)
 
-    def finish(prepared: _Prepared, future: Future) -> None:
+    def finish(prepared: Prepared, future: Future) -> None:
         interrupts.check()  # a signal that could only be noted (see interrupts) stops the run at the next chunk
         table = future.result()
         write(table)
@@ -168,10 +175,10 @@ def score_chunks(
 
     reader = _Prefetch((prepare(chunk) for chunk in chunks), depth=PREFETCH)
     pool = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="score")
-    pending: collections.deque[tuple[_Prepared, Future]] = collections.deque()
+    pending: collections.deque[tuple[Prepared, Future]] = collections.deque()
     try:
         for prepared in reader:
-            pending.append((prepared, pool.submit(_scored, prepared, score)))
+            pending.append((prepared, pool.submit(scored_rows, prepared, score)))
             if len(pending) >= concurrency:
                 finish(*pending.popleft())
         while pending:

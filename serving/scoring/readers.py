@@ -1,5 +1,9 @@
 """Streaming readers for CSV and Parquet: chunks of at most `chunk_rows` rows, each row numbered as in the input.
 
+An input is one file, or several: a folder (its CSV or Parquet files, in subfolders too, by name) or a
+glob. Several files are read one after the other, in name order, as one input; each must have the first
+one's columns, and rows are numbered within their file (`Chunk.file` says which).
+
 Row numbers are 1-based data rows: the CSV header is not counted, so row N is the N-th record after
 the header (the N-th line after it unless a quoted value spans lines); in Parquet, row N is the N-th
 row of the file. CSV is read with every column as text, so the values pass through byte for byte
@@ -11,6 +15,7 @@ reports it and it comes out in `Chunk.malformed`, with its number, in the chunk 
 from __future__ import annotations
 
 import collections
+import glob
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +38,7 @@ class Chunk:
     table: pa.Table  # the rows that split into the header's columns
     rows: np.ndarray  # int64 [table.num_rows]: each row's number in the input
     malformed: list[Reject] = field(default_factory=list)  # records that did not, up to this chunk's end
+    file: str | None = None  # the file the rows are from, when the input has several
 
     @property
     def rows_read(self) -> int:
@@ -51,6 +57,52 @@ def detect_format(path: str | Path, override: str | None = None) -> str:
     if suffixes and suffixes[-1] in _SUFFIXES:
         return _SUFFIXES[suffixes[-1]]
     raise ValueError(f"cannot tell the format of {path} from its name; name it .csv or .parquet, or pass the format")
+
+
+class InputError(ValueError):
+    """An input that names no file to read, or files that cannot be read as one."""
+
+
+def _hidden(path: Path, top: Path) -> bool:
+    # Names other tools keep for themselves: `.partial` files of a run going on, `_SUCCESS`, `_metadata`.
+    return any(part.startswith((".", "_")) for part in path.relative_to(top).parts)
+
+
+def input_files(spec: str | Path, override: str | None = None) -> tuple[list[Path], str]:
+    """The files an input names, in reading order, and their one format.
+
+    A file is itself. A folder gives its files (in subfolders too) whose names say CSV or Parquet, leaving
+    out names that start with `.` or `_`; a glob (`data/*.parquet`, `**` for subfolders) gives the files it
+    matches. With `override` every file is read in that format, whatever its name.
+    """
+    path = Path(spec)
+    if path.is_file():
+        return [path], detect_format(path, override)
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.is_file() and not _hidden(p, path))
+        where = f"folder {path}"
+        if override is None:
+            files = [p for p in files if _format_of(p) is not None]
+    elif glob.has_magic(str(spec)):
+        files = sorted(Path(p) for p in glob.glob(str(spec), recursive=True) if Path(p).is_file())
+        where = f"glob {spec}"
+    else:
+        raise InputError(f"{spec}: no such file or folder")
+    if not files:
+        raise InputError(f"{where} has no CSV or Parquet file" if override is None else f"{where} has no file")
+    formats = {p: detect_format(p, override) for p in files}
+    kinds = sorted(set(formats.values()))
+    if len(kinds) > 1:
+        first = {kind: next(p for p, f in formats.items() if f == kind) for kind in kinds}
+        raise InputError(f"{where} holds both CSV ({first['csv']}) and Parquet ({first['parquet']}); score them apart")
+    return files, kinds[0]
+
+
+def _format_of(path: Path) -> str | None:
+    try:
+        return detect_format(path)
+    except ValueError:
+        return None
 
 
 class CsvSource:
@@ -182,5 +234,66 @@ class ParquetSource:
         self._file.close()
 
 
+class MultiSource:
+    """Several files read one after the other as one input; every chunk says its file."""
+
+    def __init__(self, paths: list[Path], fmt: str, chunk_rows: int):
+        self.paths, self.fmt, self.chunk_rows = paths, fmt, chunk_rows
+        first = open_source(paths[0], fmt, chunk_rows)
+        self.schema = first.schema
+        totals = [first.total_rows]
+        first.close()
+        for path in paths[1:]:
+            source = open_source(path, fmt, chunk_rows)
+            try:
+                check_same_columns(source.schema, self.schema, path, paths[0])
+                totals.append(source.total_rows)
+            finally:
+                source.close()
+        self.total_rows: int | None = None if None in totals else sum(totals)
+        self._current: CsvSource | ParquetSource | None = None
+
+    def chunks(self) -> Iterator[Chunk]:
+        for path in self.paths:
+            self._current = open_source(path, self.fmt, self.chunk_rows)
+            try:
+                # The files were checked when the run began; one that changed since is an error too.
+                check_same_columns(self._current.schema, self.schema, path, self.paths[0])
+                for chunk in self._current.chunks():
+                    chunk.file = str(path)
+                    for reject in chunk.malformed:
+                        reject.file = chunk.file
+                    yield chunk
+            finally:
+                self._current.close()
+                self._current = None
+
+    def close(self) -> None:
+        if self._current is not None:
+            self._current.close()
+
+
+def check_same_columns(schema: pa.Schema, expected: pa.Schema, path, first) -> None:
+    if schema.names != expected.names or schema.types != expected.types:
+
+        def text(s: pa.Schema) -> str:
+            return ", ".join(f"{n} {t}" for n, t in zip(s.names, s.types, strict=True))
+
+        raise InputError(f"{path} has columns ({text(schema)}), unlike {first} ({text(expected)})")
+
+
+Source = CsvSource | ParquetSource | MultiSource
+
+
 def open_source(path: str | Path, fmt: str, chunk_rows: int) -> CsvSource | ParquetSource:
     return CsvSource(path, chunk_rows) if fmt == "csv" else ParquetSource(path, chunk_rows)
+
+
+def open_input(spec: str | Path, paths: list[Path], fmt: str, chunk_rows: int) -> Source:
+    """A file as itself (no file named in its chunks); a folder or a glob as a `MultiSource`, even of one file."""
+    return open_source(paths[0], fmt, chunk_rows) if names_one_file(spec) else MultiSource(paths, fmt, chunk_rows)
+
+
+def names_one_file(spec: str | Path) -> bool:
+    """Whether the input is a file, whose rows need no file named beside their numbers (a folder or glob does)."""
+    return Path(spec).is_file()

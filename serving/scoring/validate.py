@@ -32,6 +32,7 @@ class Reject:
     row: int  # 1-based row number in the input
     reason: str  # short codes, ';'-joined when several features are bad
     detail: str  # what a person needs to find and fix the value
+    file: str | None = None  # the file of an input of several (a folder or a glob); row is within it
 
 
 @dataclass

@@ -77,7 +77,10 @@ def remove_stale(final: str | Path) -> list[Path]:
             continue
         path = final.parent / name
         with contextlib.suppress(FileNotFoundError):  # another run may have removed it first
-            path.unlink()
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)  # an AtomicDir's
+            else:
+                path.unlink()
             removed.append(path)
     return removed
 
@@ -120,6 +123,40 @@ class AtomicPath:
         self.temp.unlink(missing_ok=True)
 
 
+class AtomicDir(AtomicPath):
+    """A temporary folder beside `final`, which must not exist: `commit_all()` renames it to `final` (as the
+    last of its paths: a folder put in place is not taken back), `discard()` removes it with its files."""
+
+    def __init__(self, final: str | Path):  # not AtomicPath.__init__, which creates a file
+        self.final = Path(final)
+        folder = self.final.parent
+        if not folder.is_dir():
+            raise FileNotFoundError(f"output folder {folder} does not exist")
+        remove_stale(self.final)
+        self.temp = folder / f".{self.final.name}.{_owner()}.{secrets.token_hex(4)}.partial"
+        os.mkdir(self.temp)  # fails if the name is taken: never write into someone else's folder
+
+    def sync(self) -> None:
+        for entry in os.scandir(self.temp):
+            if entry.is_file(follow_symlinks=False):
+                fd = os.open(entry.path, os.O_RDONLY)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+        fd = os.open(self.temp, os.O_RDONLY)
+        try:
+            os.fsync(fd)  # the folder's entries too
+        finally:
+            os.close(fd)
+
+    def keep_previous(self) -> Path | None:
+        raise RuntimeError("an AtomicDir is renamed last and never replaces a folder")
+
+    def discard(self) -> None:
+        shutil.rmtree(self.temp, ignore_errors=True)
+
+
 def commit_all(paths: list[AtomicPath]) -> None:
     """Renames each temporary file onto its name, in order: all of them, or, if one rename fails, none.
 
@@ -140,7 +177,10 @@ def _rename_all(paths: list[AtomicPath]) -> None:
             # The last rename needs no way back: if it fails, nothing after it has happened.
             previous = path.keep_previous() if index < len(paths) - 1 else None
             try:
-                os.replace(path.temp, path.final)
+                if isinstance(path, AtomicDir):
+                    os.rename(path.temp, path.final)  # onto nothing: a folder that appeared meanwhile fails it
+                else:
+                    os.replace(path.temp, path.final)
             except BaseException:
                 if previous is not None:
                     previous.unlink(missing_ok=True)
@@ -252,17 +292,22 @@ def open_sink(path: AtomicPath, fmt: str, schema: pa.Schema) -> CsvSink | Parque
 
 
 class ErrorsSink:
-    """The rejected rows as CSV: `row,reason,detail`, in input order."""
+    """The rejected rows as CSV: `row,reason,detail`, in input order; `file,row,reason,detail` with `with_file`
+    (an input of several files, whose rows are numbered within their file)."""
 
     HEADER = ("row", "reason", "detail")
 
-    def __init__(self, path: AtomicPath):
+    def __init__(self, path: AtomicPath, *, with_file: bool = False):
         self._file = open(path.temp, "w", newline="", encoding="utf-8")  # noqa: SIM115 (closed by close())
         self._writer = csv.writer(self._file, lineterminator="\n")
-        self._writer.writerow(self.HEADER)
+        self._with_file = with_file
+        self._writer.writerow(("file", *self.HEADER) if with_file else self.HEADER)
 
     def write(self, rejects: list[Reject]) -> None:
-        self._writer.writerows((r.row, r.reason, r.detail) for r in rejects)
+        if self._with_file:
+            self._writer.writerows((r.file, r.row, r.reason, r.detail) for r in rejects)
+        else:
+            self._writer.writerows((r.row, r.reason, r.detail) for r in rejects)
 
     def close(self) -> None:
         self._file.close()
@@ -277,8 +322,9 @@ class Outputs:
     none exists without the block's exit to remove it.
     """
 
-    def __init__(self, output: str | Path, fmt: str, schema: pa.Schema, errors: str | Path):
+    def __init__(self, output: str | Path, fmt: str, schema: pa.Schema, errors: str | Path, *, with_file: bool = False):
         self._targets = (Path(output), fmt, schema, Path(errors))
+        self._with_file = with_file  # the errors file names each row's file
         self._paths: list[AtomicPath] = []
         self._sinks: list = []
 
@@ -288,7 +334,7 @@ class Outputs:
             self._paths.append(AtomicPath(final))
         self.rows = open_sink(self._paths[0], fmt, schema)
         self._sinks.append(self.rows)
-        self.rejects = ErrorsSink(self._paths[1])
+        self.rejects = ErrorsSink(self._paths[1], with_file=self._with_file)
         self._sinks.append(self.rejects)
 
     def commit(self) -> None:

@@ -1,0 +1,385 @@
+"""`xorserve score --engine ray`: the local engine's scoring, spread by Ray Data over the cores of a Ray cluster.
+
+    read      a Ray Data Datasource: one read task per Parquet row group, one per CSV file (CSV is parsed
+              serially, so that its rows are numbered and its malformed records found as the local engine
+              does); each row carries its file and its number
+    score     map_batches with an actor class: `--concurrency` actors, one ONNX Runtime session each
+              (serving.scoring.backends.InProcessScorer on the model's bytes, which travel with the
+              actor), `--batch-size` rows per call, validated by serving.scoring.validate as the local
+              engine validates
+    write     the scored rows with write_parquet into a hidden folder beside OUT, renamed to OUT at the
+              end; the rejected rows go to the driver, are sorted by file and row, and are written to the
+              errors file as the local engine writes it
+
+Between scoring and writing the result is materialized in Ray's object store (which spills to disk), so
+that scored and rejected rows come from one pass, and a task that Ray retries cannot count a row twice.
+Every row read is accounted for: rows_read = rows in OUT + rows in the errors file, checked against the
+files written before they are put in place.
+
+The numbers are the local engine's: the same model bytes, the same execution provider and the same
+validation give the same probabilities bit for bit (tests/test_score_ray.py).
+
+In a cluster of several machines, every node needs xorserve installed (the server image has it), and
+INPUT and OUT must be on a file system that every node mounts at the same path: the read and write
+tasks run where Ray puts them.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import socket
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from serving.scoring.pipeline import Summary, prepare_chunk, scored_rows
+from serving.scoring.readers import Chunk, CsvSource, check_same_columns
+from serving.scoring.validate import WRONG_COLUMN_COUNT, Reject
+
+log = logging.getLogger(__name__)
+
+INSTALL = "pip install 'xorserve[ray]' (or: make setup, which installs it)"
+
+# Columns the engine adds on the way; an input column of these names is refused.
+PREFIX = "__xorserve_"
+FILE = PREFIX + "file"  # int32: the row's file, an index into the input's files
+ROW = PREFIX + "row"  # int64: the row's number in its file, as the local engine numbers it
+MALFORMED = PREFIX + "malformed"  # string: a CSV record with the wrong number of fields (its detail)
+REASON = PREFIX + "reason"  # string: why the row was rejected; null for a scored row
+DETAIL = PREFIX + "detail"
+_META = pa.schema([(FILE, pa.int32()), (ROW, pa.int64()), (MALFORMED, pa.string())])
+_VERDICT = pa.schema([(REASON, pa.string()), (DETAIL, pa.string())])
+
+
+class RayMissing(ImportError):
+    """ray[data] is not installed: `--engine ray` cannot run."""
+
+
+class Unreachable(ConnectionError):
+    """The Ray cluster at --ray-address could not be joined (not there, or its token not given)."""
+
+
+def import_ray():
+    try:
+        import ray
+        import ray.data  # noqa: F401
+    except ImportError as exc:
+        raise RayMissing(f"--engine ray needs Ray Data, which is not installed ({exc.msg}); {INSTALL}") from None
+    return ray
+
+
+@dataclass
+class Plan:
+    files: list[str]  # in reading order
+    fmt: str  # csv or parquet
+    schema: pa.Schema  # every file's columns (checked)
+    output_schema: pa.Schema  # OUT's: the input's columns (features typed from CSV) + probability + label
+    feature_names: list[str]
+    typed_features: bool  # CSV in: the feature columns are written as the float64 values they were parsed to
+    chunk_rows: int  # rows per block read
+    several: bool  # a folder or a glob: the errors file names each row's file
+
+
+def _with_meta(table: pa.Table, index: int, rows: np.ndarray, malformed: list[Reject]) -> pa.Table:
+    """The rows with their file and number; malformed records as rows of nulls that carry their detail."""
+    n = table.num_rows
+    meta = [pa.array(np.full(n, index, np.int32)), pa.array(rows, pa.int64()), pa.nulls(n, pa.string())]
+    columns = [*table.columns, *meta]
+    block = pa.Table.from_arrays(columns, schema=pa.schema([*table.schema, *_META]))
+    if not malformed:
+        return block
+    m = len(malformed)
+    bad = pa.Table.from_arrays(
+        [
+            *(pa.nulls(m, field.type) for field in table.schema),
+            pa.array(np.full(m, index, np.int32)),
+            pa.array([r.row for r in malformed], pa.int64()),
+            pa.array([r.detail for r in malformed], pa.string()),
+        ],
+        schema=block.schema,
+    )
+    return pa.concat_tables([block, bad])
+
+
+def _read_parquet(path: str, index: int, group: int, first: int, plan: Plan):
+    with pq.ParquetFile(path, pre_buffer=False) as file:
+        check_same_columns(file.schema_arrow.remove_metadata(), plan.schema, path, plan.files[0])
+        cursor = first
+        for batch in file.iter_batches(batch_size=plan.chunk_rows, row_groups=[group], use_threads=False):
+            n = batch.num_rows
+            if n:
+                table = pa.Table.from_batches([batch.replace_schema_metadata(None)])
+                yield _with_meta(table, index, np.arange(cursor, cursor + n, dtype=np.int64), [])
+                cursor += n
+
+
+def _read_csv(path: str, index: int, plan: Plan):
+    source = CsvSource(path, plan.chunk_rows)
+    check_same_columns(source.schema, plan.schema, path, plan.files[0])
+    for chunk in source.chunks():
+        if chunk.rows_read:
+            yield _with_meta(chunk.table, index, chunk.rows, chunk.malformed)
+
+
+def _datasource(plan: Plan):
+    from ray.data import Datasource, ReadTask
+    from ray.data.block import BlockMetadata
+
+    class XorserveInput(Datasource):
+        """The input's files as read tasks whose rows know their file and number (see the module)."""
+
+        def estimate_inmemory_data_size(self) -> int:
+            return sum(os.path.getsize(path) for path in plan.files)
+
+        def get_read_tasks(self, parallelism: int, per_task_row_limit=None, data_context=None) -> list:
+            tasks = []
+            block_schema = pa.schema([*plan.schema, *_META])
+            for index, path in enumerate(plan.files):
+                if plan.fmt == "csv":
+                    read = functools.partial(_read_csv, path, index, plan)
+                    meta = BlockMetadata(None, os.path.getsize(path), None, input_files=(path,))
+                    tasks.append(ReadTask(read, meta, schema=block_schema))
+                    continue
+                metadata = pq.read_metadata(path)
+                first = 1
+                for group in range(metadata.num_row_groups):
+                    rows = metadata.row_group(group).num_rows
+                    read = functools.partial(_read_parquet, path, index, group, first, plan)
+                    size = metadata.row_group(group).total_byte_size
+                    meta = BlockMetadata(rows, size, None, input_files=(path,))
+                    tasks.append(ReadTask(read, meta, schema=block_schema))
+                    first += rows
+            return tasks
+
+    return XorserveInput()
+
+
+def _mixed_schema(plan: Plan) -> pa.Schema:
+    """What the actors return: OUT's columns (all nullable), then the row's file, number and verdict."""
+    fields = [field.with_nullable(True) for field in plan.output_schema]
+    return pa.schema([*fields, (FILE, pa.int32()), (ROW, pa.int64()), *_VERDICT])
+
+
+class _Score:
+    """A map_batches actor: one ONNX Runtime session, built from the model's bytes in the actor's own folder."""
+
+    def __init__(self, model: bytes, plan: Plan, device: str):
+        from serving.scoring.backends import InProcessScorer
+
+        self._folder = tempfile.TemporaryDirectory(prefix="xorserve-ray-")
+        path = Path(self._folder.name) / "model.onnx"
+        path.write_bytes(model)
+        self._scorer = InProcessScorer(path, len(plan.feature_names), device=device)
+        self._plan = plan
+        self._schema = _mixed_schema(plan)
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        plan, schema = self._plan, self._schema
+        malformed = batch.column(MALFORMED)
+        if malformed.null_count < batch.num_rows:  # some records did not split into the header's columns
+            bad = batch.filter(pc.is_valid(malformed))
+            batch = batch.filter(pc.is_null(malformed))
+        else:
+            bad = None
+        data = batch.drop_columns([field.name for field in _META])
+        # Rejects are numbered by position here, then given their file and row: a batch can span files.
+        positions = np.arange(batch.num_rows, dtype=np.int64)
+        prepared = prepare_chunk(Chunk(data, positions), plan.feature_names, plan.typed_features)
+        scored = scored_rows(prepared, self._scorer.probabilities)
+        files, rows = batch.column(FILE), batch.column(ROW)
+        ok = prepared.features.ok
+        if ok is not None:
+            files, rows = files.filter(pa.array(ok)), rows.filter(pa.array(ok))
+        n = scored.num_rows
+        parts = [
+            pa.Table.from_arrays(
+                [*scored.columns, files, rows, pa.nulls(n, pa.string()), pa.nulls(n, pa.string())], schema=schema
+            )
+        ]
+        rejects = prepared.features.rejects
+        if rejects:
+            at = pa.array([r.row for r in rejects], pa.int64())
+            parts.append(
+                _reject_rows(
+                    schema,
+                    batch.column(FILE).take(at),
+                    batch.column(ROW).take(at),
+                    [r.reason for r in rejects],
+                    [r.detail for r in rejects],
+                )
+            )
+        if bad is not None:
+            m = bad.num_rows
+            parts.append(
+                _reject_rows(schema, bad.column(FILE), bad.column(ROW), [WRONG_COLUMN_COUNT] * m, bad.column(MALFORMED))
+            )
+        return pa.concat_tables(parts) if len(parts) > 1 else parts[0]
+
+
+def _reject_rows(schema: pa.Schema, files, rows, reasons, details) -> pa.Table:
+    m = len(reasons)
+    nulls = [pa.nulls(m, field.type) for field in schema if not field.name.startswith(PREFIX)]
+    return pa.Table.from_arrays(
+        [*nulls, files, rows, pa.array(reasons, pa.string()), pa.array(details, pa.string())], schema=schema
+    )
+
+
+def _scored_only(batch: pa.Table, output_schema: pa.Schema) -> pa.Table:
+    kept = batch.filter(pc.is_null(batch.column(REASON)))
+    return kept.select(output_schema.names).cast(output_schema)
+
+
+def _rejected_only(batch: pa.Table) -> pa.Table:
+    return batch.filter(pc.is_valid(batch.column(REASON))).select([FILE, ROW, REASON, DETAIL])
+
+
+def _actor_cpus(ray, concurrency: int) -> float:
+    """A core per actor, unless the cluster has fewer cores than actors plus one: then the share of all but one
+    core. Ray Data's read and write tasks take a whole core each; without one free they wait forever behind
+    the actors."""
+    cores = float(ray.cluster_resources().get("CPU", 1.0))
+    return max(0.0, min(1.0, (cores - 1) / concurrency))
+
+
+class Session:
+    """Ray for one run: a local cluster started here (stopped by `stop()`), or the one at `address`, joined."""
+
+    def __init__(self, address: str | None):
+        from serving.scoring import interrupts
+
+        self.ray = import_ray()
+        self._started = not self.ray.is_initialized()
+        if self._started and address:
+            _probe(address)
+        if self._started:
+            # A signal during this start (a few seconds) meets Ray's own SIGTERM handler and ends the process
+            # at once; no file of the run exists yet. Our handlers come back right after.
+            try:
+                self.ray.init(
+                    address=address,
+                    include_dashboard=False,
+                    log_to_driver=False,
+                    logging_level=logging.ERROR,  # its notes (token authentication on) are not the run's
+                )
+            except ConnectionError as exc:
+                hint = "; a cluster with token authentication also needs RAY_AUTH_MODE=token and its token"
+                raise Unreachable(f"{' '.join(str(exc).split())}{hint if address else ''}") from None
+        interrupts.reclaim()
+
+    def stop(self) -> None:
+        if self._started:
+            self._started = False
+            self.ray.shutdown()
+
+
+def _probe(address: str) -> None:
+    """Fails at once when nothing listens at a HOST:PORT address (ray.init would retry for minutes)."""
+    host, sep, port = address.rpartition(":")
+    if not sep or "://" in address or not port.isdigit():
+        return  # ray://, auto: Ray's to resolve
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=5).close()
+    except OSError as exc:
+        raise Unreachable(f"no Ray cluster answers at {address}: {exc.strerror or exc}") from None
+
+
+def run(
+    session: Session,
+    plan: Plan,
+    model: Path,
+    out_dir,
+    write_rejects,
+    *,
+    device: str,
+    concurrency: int,
+    batch_size: int,
+    progress: bool,
+) -> Summary:
+    """Scores the plan's files into the folder `out_dir` (an AtomicDir's temp) and hands the rejects, in input
+    order, to `write_rejects`; returns the counts."""
+    ray = session.ray
+    context = ray.data.DataContext.get_current()
+    context.execution_options.preserve_order = True  # OUT's files, in name order, hold the rows in input order
+    context.enable_progress_bars = progress
+    context.print_on_execution_start = False
+    logging.getLogger("ray.data").setLevel(logging.ERROR)  # "progress bars disabled" and the like
+    cpus = _actor_cpus(ray, concurrency)
+    log.info(
+        "event=ray_plan files=%d concurrency=%d actor_cpus=%.2f batch_size=%d",
+        len(plan.files),
+        concurrency,
+        cpus,
+        batch_size,
+    )
+    began = time.perf_counter()
+    results = (
+        ray.data.read_datasource(_datasource(plan))
+        .map_batches(
+            _Score,
+            fn_constructor_args=(model.read_bytes(), plan, device),
+            batch_format="pyarrow",
+            batch_size=batch_size,
+            compute=ray.data.ActorPoolStrategy(size=concurrency),
+            num_cpus=cpus,
+            zero_copy_batch=True,
+        )
+        .materialize()
+    )
+    rows_read = results.count()
+    scored_at = time.perf_counter()
+    rejected = [
+        table
+        for table in ray.get(
+            results.map_batches(_rejected_only, batch_format="pyarrow", batch_size=None).to_arrow_refs()
+        )
+        if table.num_rows
+    ]
+    rejects = pa.concat_tables(rejected).sort_by([(FILE, "ascending"), (ROW, "ascending")]) if rejected else None
+    rejected_at = time.perf_counter()
+    results.map_batches(
+        _scored_only, fn_kwargs={"output_schema": plan.output_schema}, batch_format="pyarrow", batch_size=None
+    ).write_parquet(str(out_dir))
+    log.info(
+        "event=ray_done rows=%d read_score_s=%.3f rejects_s=%.3f write_s=%.3f",
+        rows_read,
+        scored_at - began,
+        rejected_at - scored_at,
+        time.perf_counter() - rejected_at,
+    )
+    summary = Summary(rows_read=rows_read, rows_rejected=rejects.num_rows if rejects is not None else 0)
+    summary.rows_scored = rows_read - summary.rows_rejected
+    written = _rows_in(out_dir, plan.output_schema)
+    if written != summary.rows_scored:
+        raise AssertionError(f"rows unaccounted for: {summary}, but {written} rows in the output files")
+    if rejects is not None:
+        files = rejects.column(FILE).to_pylist()
+        write_rejects(
+            [
+                Reject(row, reason, detail, plan.files[index] if plan.several else None)
+                for index, row, reason, detail in zip(
+                    files,
+                    rejects.column(ROW).to_pylist(),
+                    rejects.column(REASON).to_pylist(),
+                    rejects.column(DETAIL).to_pylist(),
+                    strict=True,
+                )
+            ]
+        )
+    return summary
+
+
+def _rows_in(folder, schema: pa.Schema) -> int:
+    """Rows in the Parquet files Ray wrote; an empty file of OUT's schema when it wrote none (no row scored)."""
+    files = sorted(Path(folder).glob("*.parquet"))
+    if not files:
+        pq.write_table(schema.empty_table(), Path(folder) / "empty.parquet")
+        return 0
+    return sum(pq.read_metadata(path).num_rows for path in files)
