@@ -7,14 +7,15 @@
               (serving.scoring.backends.InProcessScorer on the model's bytes, which travel with the
               actor), `--batch-size` rows per call, validated by serving.scoring.validate as the local
               engine validates
-    write     the scored rows with write_parquet into a hidden folder beside OUT, renamed to OUT at the
-              end; the rejected rows go to the driver, are sorted by file and row, and are written to the
-              errors file as the local engine writes it
+    write     a Ray Data Datasink: each write task writes its scored rows to `part-TASK.parquet` in a
+              hidden folder beside OUT (renamed to OUT at the end) and returns its rejected rows to
+              the driver, which sorts them by file and row into the errors file, as the local engine
+              writes it
 
-Between scoring and writing the result is materialized in Ray's object store (which spills to disk), so
-that scored and rejected rows come from one pass, and a task that Ray retries cannot count a row twice.
-Every row read is accounted for: rows_read = rows in OUT + rows in the errors file, checked against the
-files written before they are put in place.
+One streaming pass, in bounded memory except for the rejected rows, which the driver gathers. A task
+that Ray retries writes its file again under the same name, and only the tasks that succeeded report
+rows. Every row read is accounted for: rows_read = rows in OUT + rows in the errors file, checked
+against the files written before they are put in place.
 
 The numbers are the local engine's: the same model bytes, the same execution provider and the same
 validation give the same probabilities bit for bit (tests/test_score_ray.py).
@@ -232,13 +233,54 @@ def _reject_rows(schema: pa.Schema, files, rows, reasons, details) -> pa.Table:
     )
 
 
+def _sink(folder, output_schema: pa.Schema):
+    from ray.data import Datasink
+
+    class XorserveOutput(Datasink):
+        """Each write task's scored rows to `part-TASK.parquet` in `folder` (the task's index: files in name
+        order are rows in input order, and a task Ray retries writes the same file again); its rejects, and
+        the rows it saw and wrote, go back to the driver (`returns`), which writes the errors file."""
+
+        returns: list = []
+
+        def write(self, blocks, ctx) -> tuple[int, int, pa.Table | None]:
+            path = os.path.join(str(folder), f"part-{ctx.task_idx:06d}.parquet")
+            seen = written = 0
+            rejects = []
+            writer = None
+            try:
+                for block in blocks:
+                    seen += block.num_rows
+                    scored = _scored_only(block, output_schema)
+                    if scored.num_rows:
+                        if writer is None:
+                            writer = pq.ParquetWriter(path, output_schema)
+                        writer.write_table(scored)
+                        written += scored.num_rows
+                    rejected = _rejected_only(block)
+                    if rejected.num_rows:
+                        rejects.append(rejected)
+            finally:
+                if writer is not None:
+                    writer.close()
+            return seen, written, pa.concat_tables(rejects) if rejects else None
+
+        def on_write_complete(self, write_result) -> None:  # on the driver
+            self.returns = list(write_result.write_returns)
+
+    return XorserveOutput()
+
+
 def _scored_only(batch: pa.Table, output_schema: pa.Schema) -> pa.Table:
-    kept = batch.filter(pc.is_null(batch.column(REASON)))
+    reasons = batch.column(REASON)
+    kept = batch if reasons.null_count == batch.num_rows else batch.filter(pc.is_null(reasons))  # no copy if none
     return kept.select(output_schema.names).cast(output_schema)
 
 
 def _rejected_only(batch: pa.Table) -> pa.Table:
-    return batch.filter(pc.is_valid(batch.column(REASON))).select([FILE, ROW, REASON, DETAIL])
+    reasons = batch.column(REASON)
+    kept = batch.slice(0, 0) if reasons.null_count == batch.num_rows else batch.filter(pc.is_valid(reasons))
+    return kept.select([FILE, ROW, REASON, DETAIL])
 
 
 def _actor_cpus(ray, concurrency: int) -> float:
@@ -320,44 +362,25 @@ def run(
         batch_size,
     )
     began = time.perf_counter()
-    results = (
-        ray.data.read_datasource(_datasource(plan))
-        .map_batches(
-            _Score,
-            fn_constructor_args=(model.read_bytes(), plan, device),
-            batch_format="pyarrow",
-            batch_size=batch_size,
-            compute=ray.data.ActorPoolStrategy(size=concurrency),
-            num_cpus=cpus,
-            zero_copy_batch=True,
-        )
-        .materialize()
-    )
-    rows_read = results.count()
-    scored_at = time.perf_counter()
-    rejected = [
-        table
-        for table in ray.get(
-            results.map_batches(_rejected_only, batch_format="pyarrow", batch_size=None).to_arrow_refs()
-        )
-        if table.num_rows
-    ]
+    sink = _sink(out_dir, plan.output_schema)
+    ray.data.read_datasource(_datasource(plan)).map_batches(
+        _Score,
+        fn_constructor_args=(model.read_bytes(), plan, device),
+        batch_format="pyarrow",
+        batch_size=batch_size,
+        compute=ray.data.ActorPoolStrategy(size=concurrency),
+        num_cpus=cpus,
+        zero_copy_batch=True,
+    ).write_datasink(sink)
+    returns = sink.returns  # (rows seen, rows written, rejects) of every write task that succeeded
+    rows_read = sum(seen for seen, _, _ in returns)
+    rejected = [table for _, _, table in returns if table is not None]
     rejects = pa.concat_tables(rejected).sort_by([(FILE, "ascending"), (ROW, "ascending")]) if rejected else None
-    rejected_at = time.perf_counter()
-    results.map_batches(
-        _scored_only, fn_kwargs={"output_schema": plan.output_schema}, batch_format="pyarrow", batch_size=None
-    ).write_parquet(str(out_dir))
-    log.info(
-        "event=ray_done rows=%d read_score_s=%.3f rejects_s=%.3f write_s=%.3f",
-        rows_read,
-        scored_at - began,
-        rejected_at - scored_at,
-        time.perf_counter() - rejected_at,
-    )
+    log.info("event=ray_done rows=%d write_tasks=%d seconds=%.3f", rows_read, len(returns), time.perf_counter() - began)
     summary = Summary(rows_read=rows_read, rows_rejected=rejects.num_rows if rejects is not None else 0)
     summary.rows_scored = rows_read - summary.rows_rejected
     written = _rows_in(out_dir, plan.output_schema)
-    if written != summary.rows_scored:
+    if written != summary.rows_scored or written != sum(n for _, n, _ in returns):
         raise AssertionError(f"rows unaccounted for: {summary}, but {written} rows in the output files")
     if rejects is not None:
         files = rejects.column(FILE).to_pylist()
