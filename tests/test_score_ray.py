@@ -69,13 +69,13 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _xorserve(*args, timeout: float = 240) -> subprocess.CompletedProcess:
+def _xorserve(*args, timeout: float = 240, cwd: Path = ROOT) -> subprocess.CompletedProcess:
     env = {**os.environ, **RAY_ENV}
     return subprocess.run(
         [*XORSERVE, "score", *map(str, args), "--quiet", "--log-level", "WARNING"],
         capture_output=True,
         text=True,
-        cwd=ROOT,
+        cwd=cwd,
         env=env,
         timeout=timeout,
     )
@@ -178,11 +178,40 @@ def test_without_an_address_it_starts_its_own_ray_and_a_file_names_no_file(tmp_p
     assert "file" not in errors[0]
 
 
+def test_relative_paths_files_that_differ_in_nullability_and_no_row_scored(tmp_path, model_dir, cluster):
+    """Ray's workers run elsewhere than this folder; one file declares its columns non-null, the other not;
+    every row is rejected, so OUTPUT holds one empty file of the output's columns."""
+    (tmp_path / "in").mkdir()
+    strict = pa.schema([pa.field("x1", pa.float64(), nullable=False), pa.field("x2", pa.float64(), nullable=False)])
+    pq.write_table(pa.table({"x1": [np.nan, 1.0], "x2": [0.0, np.inf]}, schema=strict), tmp_path / "in" / "a.parquet")
+    pq.write_table(pa.table({"x1": [None, 0.5], "x2": [1.0, None]}), tmp_path / "in" / "b.parquet")
+    outcomes = []
+    for engine, out in (("local", "local.parquet"), ("ray", "ray")):
+        extra = ["--ray-address", cluster] if engine == "ray" else []
+        done = _xorserve("in", out, "--engine", engine, "--model-dir", model_dir, *extra, cwd=tmp_path)
+        assert done.returncode == 1, done.stderr
+        outcomes.append(
+            (_summary(done.stdout)["rows_rejected"], (tmp_path / f"{Path(out).stem}.errors.csv").read_text())
+        )
+    assert outcomes[0] == outcomes[1]
+    assert outcomes[0][0] == "4" and "in/a.parquet,1,non-finite" in outcomes[0][1]
+    expected, got = pq.read_table(tmp_path / "local.parquet"), _ray_output(tmp_path / "ray")
+    assert got.num_rows == expected.num_rows == 0 and got.schema == expected.schema
+
+
+def test_a_feature_column_that_cannot_hold_numbers_fails_before_ray_starts(tmp_path, model_dir, score):
+    pytest.importorskip("ray")
+    pq.write_table(pa.table({"x1": [True], "x2": [1.0]}), tmp_path / "in.parquet")
+    status, _, err = score(tmp_path / "in.parquet", tmp_path / "out", "--engine", "ray", "--model-dir", model_dir)
+    assert status == 2 and "feature column 'x1' has type bool" in err and len(err.strip().splitlines()) == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.parquet"]
+
+
 def test_a_sigterm_mid_run_leaves_no_output_and_no_temporary_folder(tmp_path, model_dir, cluster):
-    source = _parquet_folder(tmp_path / "in", files=4, rows=50_000)
+    source = _parquet_folder(tmp_path / "in", files=8, rows=50_000)
     env = {**os.environ, **RAY_ENV}
     args = [source, tmp_path / "out", "--engine", "ray", "--model-dir", model_dir, "--ray-address", cluster]
-    args += ["--batch-size", 500, "--quiet"]  # many small batches: the run lasts long enough to be cut
+    args += ["--batch-size", 200, "--quiet"]  # 2,000 small batches: the run lasts long enough to be cut
     process = subprocess.Popen(
         [*XORSERVE, "score", *map(str, args)],
         stdout=subprocess.PIPE,
@@ -196,7 +225,7 @@ def test_a_sigterm_mid_run_leaves_no_output_and_no_temporary_folder(tmp_path, mo
     while not [p for p in tmp_path.iterdir() if p.name.startswith(".out.")] and time.monotonic() < deadline:
         assert process.poll() is None, process.communicate()
         time.sleep(0.05)
-    time.sleep(1.0)
+    time.sleep(0.5)
     process.send_signal(signal.SIGTERM)
     out, err = process.communicate(timeout=120)
     assert process.returncode == 128 + signal.SIGTERM, err
@@ -314,6 +343,7 @@ def test_the_local_engine_reads_a_folder_in_name_order_and_names_each_rejects_fi
 
 
 def test_inputs_of_several_files_must_share_their_columns_and_their_format(tmp_path, model_dir, score):
+    pytest.importorskip("ray")
     folder = tmp_path / "in"
     folder.mkdir()
     pq.write_table(pa.table({"x1": [0.0], "x2": [1.0]}), folder / "a.parquet")

@@ -356,9 +356,12 @@ def _score_with_ray(
     """`--engine ray` (serving.scoring.ray_engine): OUTPUT a new folder of Parquet files, the errors file as ever."""
     import contextlib
 
+    import numpy as np
+
     from serving.scoring import interrupts, ray_engine
     from serving.scoring.backends import InProcessScorer
     from serving.scoring.readers import open_input
+    from serving.scoring.validate import features
     from serving.scoring.writers import AtomicDir, AtomicPath, ErrorsSink, commit_all
 
     if (args.output_format or "parquet") != "parquet" or output.suffix.lower() in (".csv", *_compressions()):
@@ -378,6 +381,7 @@ def _score_with_ray(
     taken = [name for name in schema.names if name.startswith(ray_engine.PREFIX)]
     if taken:
         raise UsageError(f"{args.input} has column {', '.join(map(repr, taken))}; --engine ray keeps that prefix")
+    features(schema.empty_table(), names, np.empty(0, np.int64))  # a column that can never hold numbers: now
     typed_features = in_format == "csv"
     model = Path(args.model_dir)
     if model.is_dir():
@@ -385,7 +389,8 @@ def _score_with_ray(
     with InProcessScorer(model, len(names), device=args.device) as scorer:  # the model's checks, here and now
         log.debug("event=score_backend_ready engine=ray %s", scorer.description)
     plan = ray_engine.Plan(
-        files=[str(path) for path in files],
+        files=[str(path.resolve()) for path in files],
+        names=[str(path) for path in files],
         fmt=in_format,
         schema=schema,
         output_schema=_output_schema(schema, names, typed_features),
@@ -407,28 +412,27 @@ def _score_with_ray(
             session,
             plan,
             model,
-            paths[1].temp,
+            paths[1].temp.resolve(),
             sink.write,
             device=args.device,
             concurrency=args.concurrency,
             batch_size=args.batch_size or args.chunk_rows,
             progress=not args.quiet and sys.stderr.isatty(),
         )
-        interrupts.check()
+        summary.seconds = time.perf_counter() - started
+        with interrupts.deferred():
+            session.stop()
         sink.close()
         commit_all(paths)
     except BaseException:
         with interrupts.deferred():
+            session.stop()  # first: a write task still running could otherwise put the folder back
             if sink is not None:
                 with contextlib.suppress(Exception):
                     sink.abort()
             for path in paths:
                 path.discard()
         raise
-    finally:
-        with interrupts.deferred():
-            session.stop()
-    summary.seconds = time.perf_counter() - started
     log.info("event=score_done engine=ray rows=%d seconds=%.3f", summary.rows_read, summary.seconds)
     return summary
 

@@ -158,6 +158,16 @@ def deferred() -> contextlib.AbstractContextManager[None]:
     return contextlib.nullcontext() if guard is None else guard.deferred()
 
 
+def interrupt(signum: int) -> None:
+    """Raises Interrupted for a signal that another handler caught (Ray's, while it starts), as ours would."""
+    guard = _current()
+    if guard is not None:
+        if guard.received is None:
+            guard.received = signum
+        guard._raised = True
+    raise Interrupted(signum)
+
+
 def reclaim() -> None:
     """Installs the running Guard's handlers again, after a library put its own in their place (Ray's driver
     does, for SIGTERM, in `ray.init`)."""

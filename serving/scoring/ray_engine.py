@@ -30,6 +30,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import signal
 import socket
 import tempfile
 import time
@@ -42,7 +43,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from serving.scoring.pipeline import Summary, prepare_chunk, scored_rows
-from serving.scoring.readers import Chunk, CsvSource, check_same_columns
+from serving.scoring.readers import Chunk, CsvSource, InputError, check_same_columns
 from serving.scoring.validate import WRONG_COLUMN_COUNT, Reject
 
 log = logging.getLogger(__name__)
@@ -79,9 +80,10 @@ def import_ray():
 
 @dataclass
 class Plan:
-    files: list[str]  # in reading order
+    files: list[str]  # in reading order, absolute: Ray's workers do not run in this process's folder
+    names: list[str]  # the same files as the input named them, for the errors file
     fmt: str  # csv or parquet
-    schema: pa.Schema  # every file's columns (checked)
+    schema: pa.Schema  # every file's columns (checked), all nullable as for the local engine
     output_schema: pa.Schema  # OUT's: the input's columns (features typed from CSV) + probability + label
     feature_names: list[str]
     typed_features: bool  # CSV in: the feature columns are written as the float64 values they were parsed to
@@ -111,23 +113,29 @@ def _with_meta(table: pa.Table, index: int, rows: np.ndarray, malformed: list[Re
 
 
 def _read_parquet(path: str, index: int, group: int, first: int, plan: Plan):
-    with pq.ParquetFile(path, pre_buffer=False) as file:
-        check_same_columns(file.schema_arrow.remove_metadata(), plan.schema, path, plan.files[0])
-        cursor = first
-        for batch in file.iter_batches(batch_size=plan.chunk_rows, row_groups=[group], use_threads=False):
-            n = batch.num_rows
-            if n:
-                table = pa.Table.from_batches([batch.replace_schema_metadata(None)])
-                yield _with_meta(table, index, np.arange(cursor, cursor + n, dtype=np.int64), [])
-                cursor += n
+    try:
+        with pq.ParquetFile(path, pre_buffer=False) as file:
+            check_same_columns(file.schema_arrow.remove_metadata(), plan.schema, plan.names[index], plan.names[0])
+            cursor = first
+            for batch in file.iter_batches(batch_size=plan.chunk_rows, row_groups=[group], use_threads=False):
+                n = batch.num_rows
+                if n:
+                    table = pa.Table.from_batches([batch.replace_schema_metadata(None)]).cast(plan.schema)
+                    yield _with_meta(table, index, np.arange(cursor, cursor + n, dtype=np.int64), [])
+                    cursor += n
+    except (pa.ArrowException, OSError) as exc:
+        raise InputError(f"{plan.names[index]}: {exc}") from None
 
 
 def _read_csv(path: str, index: int, plan: Plan):
-    source = CsvSource(path, plan.chunk_rows)
-    check_same_columns(source.schema, plan.schema, path, plan.files[0])
-    for chunk in source.chunks():
-        if chunk.rows_read:
-            yield _with_meta(chunk.table, index, chunk.rows, chunk.malformed)
+    try:
+        source = CsvSource(path, plan.chunk_rows)
+        check_same_columns(source.schema, plan.schema, plan.names[index], plan.names[0])
+        for chunk in source.chunks():
+            if chunk.rows_read:
+                yield _with_meta(chunk.table.cast(plan.schema), index, chunk.rows, chunk.malformed)
+    except (pa.ArrowException, OSError, ValueError) as exc:
+        raise InputError(f"{plan.names[index]}: {exc}") from None
 
 
 def _datasource(plan: Plan):
@@ -292,29 +300,40 @@ def _actor_cpus(ray, concurrency: int) -> float:
 
 
 class Session:
-    """Ray for one run: a local cluster started here (stopped by `stop()`), or the one at `address`, joined."""
+    """Ray for one run: a new local cluster started here (stopped by `stop()`), or the one at `address`, joined.
+
+    Without an address the cluster is always a new one (`ray.init(address="local")`), never one that
+    RAY_ADDRESS or an earlier `ray start` on this machine points at."""
 
     def __init__(self, address: str | None):
         from serving.scoring import interrupts
 
         self.ray = import_ray()
-        self._started = not self.ray.is_initialized()
-        if self._started and address:
+        self._started = False
+        if address:
             _probe(address)
-        if self._started:
-            # A signal during this start (a few seconds) meets Ray's own SIGTERM handler and ends the process
-            # at once; no file of the run exists yet. Our handlers come back right after.
-            try:
-                self.ray.init(
-                    address=address,
-                    include_dashboard=False,
-                    log_to_driver=False,
-                    logging_level=logging.ERROR,  # its notes (token authentication on) are not the run's
-                )
-            except ConnectionError as exc:
-                hint = "; a cluster with token authentication also needs RAY_AUTH_MODE=token and its token"
-                raise Unreachable(f"{' '.join(str(exc).split())}{hint if address else ''}") from None
-        interrupts.reclaim()
+        try:
+            self._started = True
+            self.ray.init(
+                address=address or "local",
+                include_dashboard=False,
+                log_to_driver=False,
+                logging_level=logging.ERROR,  # its notes (token authentication on) are not the run's
+            )
+        except SystemExit as exc:
+            # Ray's driver handles SIGTERM itself while it starts (sys.exit(15)): the run's own signal.
+            self.stop()
+            if exc.code in (signal.SIGTERM, signal.SIGINT):
+                interrupts.interrupt(int(exc.code))
+            raise
+        except (ConnectionError, self.ray.exceptions.AuthenticationError) as exc:
+            self.stop()
+            hint = "; a cluster with token authentication also needs RAY_AUTH_MODE=token and its token"
+            raise Unreachable(f"{' '.join(str(exc).split())}{hint if address else ''}") from None
+        except BaseException:
+            self.stop()
+            raise
+        interrupts.reclaim()  # Ray's SIGTERM handler out, ours back in
 
     def stop(self) -> None:
         if self._started:
@@ -363,15 +382,19 @@ def run(
     )
     began = time.perf_counter()
     sink = _sink(out_dir, plan.output_schema)
-    ray.data.read_datasource(_datasource(plan)).map_batches(
-        _Score,
-        fn_constructor_args=(model.read_bytes(), plan, device),
-        batch_format="pyarrow",
-        batch_size=batch_size,
-        compute=ray.data.ActorPoolStrategy(size=concurrency),
-        num_cpus=cpus,
-        zero_copy_batch=True,
-    ).write_datasink(sink)
+    try:
+        ray.data.read_datasource(_datasource(plan)).map_batches(
+            _Score,
+            fn_constructor_args=(model.read_bytes(), plan, device),
+            batch_format="pyarrow",
+            batch_size=batch_size,
+            compute=ray.data.ActorPoolStrategy(size=concurrency),
+            num_cpus=cpus,
+            num_gpus=1 if device == "cuda" else 0,  # a GPU each: Ray then gives each actor its own
+            zero_copy_batch=True,
+        ).write_datasink(sink)
+    except ray.exceptions.RayError as exc:
+        raise _cause(exc) from None
     returns = sink.returns  # (rows seen, rows written, rejects) of every write task that succeeded
     rows_read = sum(seen for seen, _, _ in returns)
     rejected = [table for _, _, table in returns if table is not None]
@@ -386,7 +409,7 @@ def run(
         files = rejects.column(FILE).to_pylist()
         write_rejects(
             [
-                Reject(row, reason, detail, plan.files[index] if plan.several else None)
+                Reject(row, reason, detail, plan.names[index] if plan.several else None)
                 for index, row, reason, detail in zip(
                     files,
                     rejects.column(ROW).to_pylist(),
@@ -397,6 +420,21 @@ def run(
             ]
         )
     return summary
+
+
+def _cause(exc: BaseException) -> BaseException:
+    """The error a task raised (an InputError naming a file, say), not Ray's wrapping with its traceback."""
+    seen = set()
+    while id(exc) not in seen:
+        seen.add(id(exc))
+        inner = getattr(exc, "cause", None) or exc.__cause__
+        if inner is None:
+            break
+        exc = inner
+    if type(exc).__module__.startswith("ray."):
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        return RuntimeError(f"Ray failed: {first}")
+    return exc
 
 
 def _rows_in(folder, schema: pa.Schema) -> int:

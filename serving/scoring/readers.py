@@ -84,7 +84,8 @@ def input_files(spec: str | Path, override: str | None = None) -> tuple[list[Pat
         if override is None:
             files = [p for p in files if _format_of(p) is not None]
     elif glob.has_magic(str(spec)):
-        files = sorted(Path(p) for p in glob.glob(str(spec), recursive=True) if Path(p).is_file())
+        matched = (Path(p) for p in glob.glob(str(spec), recursive=True))
+        files = sorted(p for p in matched if p.is_file() and not p.name.startswith((".", "_")))
         where = f"glob {spec}"
     else:
         raise InputError(f"{spec}: no such file or folder")
@@ -239,12 +240,13 @@ class MultiSource:
 
     def __init__(self, paths: list[Path], fmt: str, chunk_rows: int):
         self.paths, self.fmt, self.chunk_rows = paths, fmt, chunk_rows
-        first = open_source(paths[0], fmt, chunk_rows)
-        self.schema = first.schema
+        first = open_named(paths[0], fmt, chunk_rows)
+        # Every column nullable: files that declare a column non-null and files that do not are one input.
+        self.schema = nullable(first.schema)
         totals = [first.total_rows]
         first.close()
         for path in paths[1:]:
-            source = open_source(path, fmt, chunk_rows)
+            source = open_named(path, fmt, chunk_rows)
             try:
                 check_same_columns(source.schema, self.schema, path, paths[0])
                 totals.append(source.total_rows)
@@ -255,11 +257,12 @@ class MultiSource:
 
     def chunks(self) -> Iterator[Chunk]:
         for path in self.paths:
-            self._current = open_source(path, self.fmt, self.chunk_rows)
+            self._current = open_named(path, self.fmt, self.chunk_rows)
             try:
                 # The files were checked when the run began; one that changed since is an error too.
                 check_same_columns(self._current.schema, self.schema, path, self.paths[0])
-                for chunk in self._current.chunks():
+                for chunk in named(path, self._current.chunks()):
+                    chunk.table = chunk.table.cast(self.schema)
                     chunk.file = str(path)
                     for reject in chunk.malformed:
                         reject.file = chunk.file
@@ -273,7 +276,28 @@ class MultiSource:
             self._current.close()
 
 
+def nullable(schema: pa.Schema) -> pa.Schema:
+    return pa.schema([field.with_nullable(True) for field in schema])
+
+
+def open_named(path: Path | str, fmt: str, chunk_rows: int) -> CsvSource | ParquetSource:
+    """open_source, whose failures name the file (one of several)."""
+    try:
+        return open_source(path, fmt, chunk_rows)
+    except (pa.ArrowException, OSError, ValueError) as exc:
+        raise InputError(f"{path}: {exc}") from None
+
+
+def named(path: Path | str, chunks: Iterator[Chunk]) -> Iterator[Chunk]:
+    """The chunks, with a failure to read them naming the file."""
+    try:
+        yield from chunks
+    except (pa.ArrowException, OSError) as exc:
+        raise InputError(f"{path}: {exc}") from None
+
+
 def check_same_columns(schema: pa.Schema, expected: pa.Schema, path, first) -> None:
+    """The same names and types (nullability aside), or an InputError naming the file."""
     if schema.names != expected.names or schema.types != expected.types:
 
         def text(s: pa.Schema) -> str:

@@ -178,7 +178,10 @@ def _rename_all(paths: list[AtomicPath]) -> None:
             previous = path.keep_previous() if index < len(paths) - 1 else None
             try:
                 if isinstance(path, AtomicDir):
-                    os.rename(path.temp, path.final)  # onto nothing: a folder that appeared meanwhile fails it
+                    try:
+                        os.rename(path.temp, path.final)  # onto nothing, or an empty folder
+                    except OSError as exc:
+                        raise FileExistsError(f"{path.final} appeared during the run and is not empty") from exc
                 else:
                     os.replace(path.temp, path.final)
             except BaseException:
