@@ -26,8 +26,8 @@ exit status:
      the server refuses as invalid, credentials it refuses: UNAUTHENTICATED, no --token-file or a token
      it does not accept): one line on stderr; nothing written (an existing OUTPUT or errors file is
      left as it was)
-  3  the server or its model (or, with --engine ray, the Ray cluster at --ray-address) could not be
-     reached, also when this client and the server do not speak
+  3  the server or its model could not be reached (with --engine ray: the Ray cluster at --ray-address),
+     also when this client and the server do not speak
      the same (plaintext at a TLS server, TLS at a plaintext one, a certificate one side does not
      trust: the line says which): one line on stderr; nothing written
   130 interrupted (SIGINT, Ctrl-C): nothing written
