@@ -95,6 +95,18 @@ class Guard:
         """The outcome is decided (the run returned or failed): from now on signals are only noted."""
         self._settled = True
 
+    def interrupt(self, signum: int) -> None:
+        """The signal came, caught by another handler: noted, and raised now."""
+        if self.received is None:
+            self.received = signum
+        self._raised = True
+        raise Interrupted(signum)
+
+    def reclaim(self) -> None:
+        """Installs the handlers again (see the module's `reclaim()`)."""
+        for sig in SIGNALS:
+            signal.signal(sig, self._handle)
+
     def _handle(self, signum: int, frame) -> None:
         if self.received is None:
             self.received = signum
@@ -162,9 +174,7 @@ def interrupt(signum: int) -> None:
     """Raises Interrupted for a signal that another handler caught (Ray's, while it starts), as ours would."""
     guard = _current()
     if guard is not None:
-        if guard.received is None:
-            guard.received = signum
-        guard._raised = True
+        guard.interrupt(signum)
     raise Interrupted(signum)
 
 
@@ -173,8 +183,7 @@ def reclaim() -> None:
     does, for SIGTERM, in `ray.init`)."""
     guard = _current()
     if guard is not None:
-        for sig in SIGNALS:
-            signal.signal(sig, guard._handle)
+        guard.reclaim()
 
 
 def committing() -> contextlib.AbstractContextManager[None]:
