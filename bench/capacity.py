@@ -41,7 +41,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from serve_perf import BENCH, READY, ROOT, SERVE_FLAGS, Server, _pin, machine  # noqa: E402
+from serve_perf import BENCH, ROOT, SERVE_FLAGS, Server, _pin, machine, start_server  # noqa: E402
 
 TICKS = os.sysconf("SC_CLK_TCK")
 FIELDS = (
@@ -68,23 +68,9 @@ FIELDS = (
 
 def start_logged(command: list[str], log: Path, timeout_s: float = 60.0) -> Server:
     """serve_perf.start_server, with the server's log (stderr) kept in `log`."""
-    begin = time.perf_counter()
     log.parent.mkdir(parents=True, exist_ok=True)
-    process = subprocess.Popen(
-        command, stdout=subprocess.PIPE, stderr=log.open("w"), text=True, start_new_session=True, cwd=ROOT
-    )
-    deadline = time.monotonic() + timeout_s
-    lines = []
-    for line in process.stdout:
-        lines.append(line)
-        match = READY.match(line)
-        if match:
-            port = int(match["grpc"].rsplit(":", 1)[1])
-            return Server(process, port, time.perf_counter() - begin, float(match["startup"]), lines)
-        if time.monotonic() > deadline:
-            break
-    process.kill()
-    raise RuntimeError(f"server did not print READY: {''.join(lines)[-2000:]} (log: {log})")
+    with log.open("w") as stderr:  # the child keeps its own descriptor
+        return start_server(command, timeout_s=timeout_s, label=f"server (log: {log})", stderr=stderr)
 
 
 def _process_ticks(pid: int) -> int:

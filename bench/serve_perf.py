@@ -127,12 +127,18 @@ def start_xorserve(extra: list[str], cpus: str | None = "0", timeout_s: float = 
 
 
 def start_server(
-    command: list[str], timeout_s: float = 60.0, cwd: Path = ROOT, env: dict | None = None, label: str = "xorserve"
+    command: list[str],
+    timeout_s: float = 60.0,
+    cwd: Path = ROOT,
+    env: dict | None = None,
+    label: str = "xorserve",
+    stderr=subprocess.DEVNULL,
 ) -> Server:
-    """Starts a command line that serves like `xorserve serve` and waits for its READY line."""
+    """Starts a command line that serves like `xorserve serve` and waits for its READY line; `stderr`: where
+    its log goes (an open file to keep it)."""
     begin = time.perf_counter()
     process = subprocess.Popen(
-        command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, start_new_session=True, cwd=cwd, env=env
+        command, stdout=subprocess.PIPE, stderr=stderr, text=True, start_new_session=True, cwd=cwd, env=env
     )
     deadline = time.monotonic() + timeout_s
     lines = []

@@ -85,6 +85,16 @@ def remove_stale(final: str | Path) -> list[Path]:
     return removed
 
 
+def _beside(final: str | Path) -> tuple[Path, Path]:
+    """`final`, and a temporary name of ours beside it, once dead runs' leftovers are gone (`remove_stale`)."""
+    final = Path(final)
+    folder = final.parent
+    if not folder.is_dir():
+        raise FileNotFoundError(f"output folder {folder} does not exist")
+    remove_stale(final)
+    return final, folder / f".{final.name}.{_owner()}.{secrets.token_hex(4)}.partial"
+
+
 class AtomicPath:
     """A temporary file beside `final`, renamed onto it by `commit_all()` or removed by `discard()`.
 
@@ -92,12 +102,7 @@ class AtomicPath:
     after (`remove_stale`, which the constructor calls first)."""
 
     def __init__(self, final: str | Path):
-        self.final = Path(final)
-        folder = self.final.parent
-        if not folder.is_dir():
-            raise FileNotFoundError(f"output folder {folder} does not exist")
-        remove_stale(self.final)
-        self.temp = folder / f".{self.final.name}.{_owner()}.{secrets.token_hex(4)}.partial"
+        self.final, self.temp = _beside(final)
         # O_EXCL: never write over someone else's file; mode 0o666 lets the umask decide, as for any new file.
         os.close(os.open(self.temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
 
@@ -128,12 +133,7 @@ class AtomicDir(AtomicPath):
     last of its paths: a folder put in place is not taken back), `discard()` removes it with its files."""
 
     def __init__(self, final: str | Path):  # not AtomicPath.__init__, which creates a file
-        self.final = Path(final)
-        folder = self.final.parent
-        if not folder.is_dir():
-            raise FileNotFoundError(f"output folder {folder} does not exist")
-        remove_stale(self.final)
-        self.temp = folder / f".{self.final.name}.{_owner()}.{secrets.token_hex(4)}.partial"
+        self.final, self.temp = _beside(final)
         os.mkdir(self.temp)  # fails if the name is taken: never write into someone else's folder
 
     def sync(self) -> None:
