@@ -20,9 +20,9 @@ against the files written before they are put in place.
 The numbers are the local engine's: the same model bytes, the same execution provider and the same
 validation give the same probabilities bit for bit (tests/test_score_ray.py).
 
-In a cluster of several machines, every node needs xorserve installed (the server image has it), and
-INPUT and OUT must be on a file system that every node mounts at the same path: the read and write
-tasks run where Ray puts them.
+In a cluster of several machines, every node needs xorserve with its `ray` extra (the Dockerfile's
+server image has no Ray), and INPUT and OUT must be on a file system that every node mounts at the same
+path: the read and write tasks run where Ray puts them.
 """
 
 from __future__ import annotations
