@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import os
 import secrets
-import socket
 import statistics
 import subprocess
 import sys
@@ -33,6 +32,7 @@ import pyarrow.parquet as pq
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from score_bench import run_scorer  # noqa: E402
+from serve_perf import free_port  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -49,12 +49,6 @@ def generate(folder: Path, rows: int, files: int, seed: int = 0) -> None:
             folder / f"part-{k:03d}.parquet",
             row_group_size=128 * 1024,
         )
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def same_rows(local: Path, ray_folder: Path) -> bool:

@@ -22,6 +22,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from manifests import free_port
 
 from serving.cli import main as cli
 from serving.scoring import readers
@@ -44,7 +45,7 @@ def cluster(tmp_path_factory):
     """A local Ray cluster of 2 CPUs for the module's runs; its address."""
     pytest.importorskip("ray")
     ray = [str(Path(sys.executable).with_name("ray"))]
-    port = _free_port()
+    port = free_port()
     temp = tmp_path_factory.mktemp("ray")
     env = {**os.environ, **RAY_ENV}
     started = subprocess.run(
@@ -59,14 +60,6 @@ def cluster(tmp_path_factory):
         yield f"127.0.0.1:{port}"
     finally:
         subprocess.run([*ray, "stop", "--force"], capture_output=True, env=env, timeout=120)
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _xorserve(*args, timeout: float = 240, cwd: Path = ROOT) -> subprocess.CompletedProcess:
@@ -261,7 +254,7 @@ def test_a_cluster_that_does_not_answer_exits_3_and_writes_nothing(tmp_path, mod
         "--model-dir",
         model_dir,
         "--ray-address",
-        f"127.0.0.1:{_free_port()}",
+        f"127.0.0.1:{free_port()}",
         timeout=60,
     )
     assert done.returncode == 3, done.stderr

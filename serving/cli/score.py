@@ -360,11 +360,11 @@ def _score_with_ray(
 
     from serving.scoring import interrupts, ray_engine
     from serving.scoring.backends import InProcessScorer
-    from serving.scoring.readers import open_input
+    from serving.scoring.readers import COMPRESSIONS, open_input
     from serving.scoring.validate import features
     from serving.scoring.writers import AtomicDir, AtomicPath, ErrorsSink, commit_all
 
-    if (args.output_format or "parquet") != "parquet" or output.suffix.lower() in (".csv", *_compressions()):
+    if (args.output_format or "parquet") != "parquet" or output.suffix.lower() in (".csv", *COMPRESSIONS):
         raise UsageError("--engine ray writes OUTPUT as a folder of Parquet files; name a folder, not a CSV file")
     if output.exists() and not (output.is_dir() and not any(output.iterdir())):
         raise UsageError(f"OUTPUT {output} exists; --engine ray writes a new folder (remove it, or name another)")
@@ -435,12 +435,6 @@ def _score_with_ray(
         raise
     log.info("event=score_done engine=ray rows=%d seconds=%.3f", summary.rows_read, summary.seconds)
     return summary
-
-
-def _compressions() -> tuple[str, ...]:
-    from serving.scoring.readers import COMPRESSIONS
-
-    return tuple(COMPRESSIONS)
 
 
 def _runs_the_program() -> bool:

@@ -43,7 +43,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from serving.scoring.pipeline import Summary, prepare_chunk, scored_rows
-from serving.scoring.readers import Chunk, CsvSource, InputError, check_same_columns
+from serving.scoring.readers import Chunk, check_same_columns, named, open_named
 from serving.scoring.validate import WRONG_COLUMN_COUNT, Reject
 
 log = logging.getLogger(__name__)
@@ -112,30 +112,19 @@ def _with_meta(table: pa.Table, index: int, rows: np.ndarray, malformed: list[Re
     return pa.concat_tables([block, bad])
 
 
-def _read_parquet(path: str, index: int, group: int, first: int, plan: Plan):
+def _read(path: str, index: int, plan: Plan, group: int | None = None, first: int = 1):
+    """A read task's blocks: the file (a CSV file), or one row group of it (Parquet) whose first row is
+    `first`, read by the local engine's reader and numbered as it numbers them."""
+    name = plan.names[index]
+    source = open_named(path, plan.fmt, plan.chunk_rows, name)
     try:
-        with pq.ParquetFile(path, pre_buffer=False) as file:
-            check_same_columns(file.schema_arrow.remove_metadata(), plan.schema, plan.names[index], plan.names[0])
-            cursor = first
-            for batch in file.iter_batches(batch_size=plan.chunk_rows, row_groups=[group], use_threads=False):
-                n = batch.num_rows
-                if n:
-                    table = pa.Table.from_batches([batch.replace_schema_metadata(None)]).cast(plan.schema)
-                    yield _with_meta(table, index, np.arange(cursor, cursor + n, dtype=np.int64), [])
-                    cursor += n
-    except (pa.ArrowException, OSError) as exc:
-        raise InputError(f"{plan.names[index]}: {exc}") from None
-
-
-def _read_csv(path: str, index: int, plan: Plan):
-    try:
-        source = CsvSource(path, plan.chunk_rows)
-        check_same_columns(source.schema, plan.schema, plan.names[index], plan.names[0])
-        for chunk in source.chunks():
+        check_same_columns(source.schema, plan.schema, name, plan.names[0])
+        chunks = source.chunks() if group is None else source.chunks(row_groups=[group], first_row=first)
+        for chunk in named(name, chunks):
             if chunk.rows_read:
                 yield _with_meta(chunk.table.cast(plan.schema), index, chunk.rows, chunk.malformed)
-    except (pa.ArrowException, OSError, ValueError) as exc:
-        raise InputError(f"{plan.names[index]}: {exc}") from None
+    finally:
+        source.close()
 
 
 def _datasource(plan: Plan):
@@ -153,7 +142,7 @@ def _datasource(plan: Plan):
             block_schema = pa.schema([*plan.schema, *_META])
             for index, path in enumerate(plan.files):
                 if plan.fmt == "csv":
-                    read = functools.partial(_read_csv, path, index, plan)
+                    read = functools.partial(_read, path, index, plan)
                     meta = BlockMetadata(None, os.path.getsize(path), None, input_files=(path,))
                     tasks.append(ReadTask(read, meta, schema=block_schema))
                     continue
@@ -161,7 +150,7 @@ def _datasource(plan: Plan):
                 first = 1
                 for group in range(metadata.num_row_groups):
                     rows = metadata.row_group(group).num_rows
-                    read = functools.partial(_read_parquet, path, index, group, first, plan)
+                    read = functools.partial(_read, path, index, plan, group, first)
                     size = metadata.row_group(group).total_byte_size
                     meta = BlockMetadata(rows, size, None, input_files=(path,))
                     tasks.append(ReadTask(read, meta, schema=block_schema))

@@ -220,10 +220,12 @@ class ParquetSource:
         # Pandas metadata describes the input's index, which no longer holds once rows are rejected.
         self.schema = self._file.schema_arrow.remove_metadata()
 
-    def chunks(self) -> Iterator[Chunk]:
-        cursor = 1
+    def chunks(self, row_groups: list[int] | None = None, first_row: int = 1) -> Iterator[Chunk]:
+        """The file's rows, or those of `row_groups` only, numbered from `first_row` (the first group's first
+        row's number in the file)."""
+        cursor = first_row
         # Arrow's own threads cost more CPU than they save on a few columns; the pipeline overlaps the work.
-        for batch in self._file.iter_batches(batch_size=self.chunk_rows, use_threads=False):
+        for batch in self._file.iter_batches(batch_size=self.chunk_rows, row_groups=row_groups, use_threads=False):
             n = batch.num_rows
             if n == 0:
                 continue
@@ -280,12 +282,12 @@ def nullable(schema: pa.Schema) -> pa.Schema:
     return pa.schema([field.with_nullable(True) for field in schema])
 
 
-def open_named(path: Path | str, fmt: str, chunk_rows: int) -> CsvSource | ParquetSource:
-    """open_source, whose failures name the file (one of several)."""
+def open_named(path: Path | str, fmt: str, chunk_rows: int, name: str | None = None) -> CsvSource | ParquetSource:
+    """open_source, whose failures name the file (one of several) as `name`, by default its path."""
     try:
         return open_source(path, fmt, chunk_rows)
     except (pa.ArrowException, OSError, ValueError) as exc:
-        raise InputError(f"{path}: {exc}") from None
+        raise InputError(f"{name or path}: {exc}") from None
 
 
 def named(path: Path | str, chunks: Iterator[Chunk]) -> Iterator[Chunk]:

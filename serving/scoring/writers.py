@@ -85,6 +85,14 @@ def remove_stale(final: str | Path) -> list[Path]:
     return removed
 
 
+def _fsync(path: str | Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def _beside(final: str | Path) -> tuple[Path, Path]:
     """`final`, and a temporary name of ours beside it, once dead runs' leftovers are gone (`remove_stale`)."""
     final = Path(final)
@@ -107,11 +115,7 @@ class AtomicPath:
         os.close(os.open(self.temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
 
     def sync(self) -> None:
-        fd = os.open(self.temp, os.O_RDONLY)
-        try:
-            os.fsync(fd)  # the data is on disk before the name points at it
-        finally:
-            os.close(fd)
+        _fsync(self.temp)  # the data is on disk before the name points at it
 
     def keep_previous(self) -> Path | None:
         """A second name for what `final` holds now (None if nothing), so that a rename onto it can be undone."""
@@ -139,16 +143,8 @@ class AtomicDir(AtomicPath):
     def sync(self) -> None:
         for entry in os.scandir(self.temp):
             if entry.is_file(follow_symlinks=False):
-                fd = os.open(entry.path, os.O_RDONLY)
-                try:
-                    os.fsync(fd)
-                finally:
-                    os.close(fd)
-        fd = os.open(self.temp, os.O_RDONLY)
-        try:
-            os.fsync(fd)  # the folder's entries too
-        finally:
-            os.close(fd)
+                _fsync(entry.path)
+        _fsync(self.temp)  # the folder's entries too
 
     def keep_previous(self) -> Path | None:
         raise RuntimeError("an AtomicDir is renamed last and never replaces a folder")
