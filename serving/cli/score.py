@@ -383,11 +383,9 @@ def _score_with_ray(
         raise UsageError(f"{args.input} has column {', '.join(map(repr, taken))}; --engine ray keeps that prefix")
     features(schema.empty_table(), names, np.empty(0, np.int64))  # a column that can never hold numbers: now
     typed_features = in_format == "csv"
-    model = Path(args.model_dir)
-    if model.is_dir():
-        model = model / "model.onnx"
-    with InProcessScorer(model, len(names), device=args.device) as scorer:  # the model's checks, here and now
+    with InProcessScorer(args.model_dir, len(names), device=args.device) as scorer:  # the model's checks, now
         log.debug("event=score_backend_ready engine=ray %s", scorer.description)
+        model = scorer.path
     plan = ray_engine.Plan(
         files=[str(path.resolve()) for path in files],
         names=[str(path) for path in files],

@@ -58,6 +58,7 @@ class InProcessScorer:
             raise ScorerError(f"model {path} has no {OUTPUT!r} output (it has {', '.join(outputs)})")
         _check_width(inputs[0].shape, n_features, f"model {path}")
         self._input = inputs[0].name
+        self.path = path  # the model file itself
         self.description = f"model={path} provider={primary_provider(self._session)}"
 
     def probabilities(self, x: np.ndarray) -> np.ndarray:
