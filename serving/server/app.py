@@ -38,7 +38,7 @@ from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 
 from serving._proto import grpc_service_pb2 as pb
 from serving.runtime import SessionSettings
@@ -56,7 +56,7 @@ from serving.server.security import (
     open_methods,
     tls_credentials,
 )
-from serving.server.servicer import InferenceServicer, add_to_server
+from serving.server.servicer import GenericOnly, InferenceServicer, add_to_server
 
 log = logging.getLogger(__name__)
 
@@ -270,12 +270,13 @@ async def start_server(config: ServerConfig) -> RunningServer:
         ],
     )
     servicer = InferenceServicer(plane)
-    add_to_server(servicer, server)
+    generic = GenericOnly(server)  # no registered methods: see GenericOnly
+    add_to_server(servicer, generic)
     health = Health()
-    health_pb2_grpc.add_HealthServicer_to_server(health, server)
-    reflection.enable_server_reflection(
-        (SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server
-    )
+    health_pb2_grpc.add_HealthServicer_to_server(health, generic)
+    names = (SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME)
+    # reflection.enable_server_reflection, which would pick the sync servicer for `generic`.
+    reflection_pb2_grpc.add_ServerReflectionServicer_to_server(reflection.aio.ReflectionServicer(names), generic)
     address = f"{config.host}:{config.port}"
     grpc_port = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
     if grpc_port == 0:
