@@ -19,6 +19,11 @@ def test_parity_through_the_server_is_bit_identical_to_in_process(shipped_model_
     assert "bit-identical to in-process session" in result.stdout
     assert "served" in {path["path"] for path in report["paths"]}
     assert report["passed"] is True
+    # A fresh process: the reference ran under training's pinned numerics, whatever this CPU prefers.
+    numerics = report["reference_numerics"]
+    assert numerics["pinned"] is True, numerics
+    assert (numerics["cpu_capability"], numerics["mkl_cbwr"], numerics["threads"]) == ("DEFAULT", "COMPATIBLE", 1)
+    assert "numerics pinned: ATen kernels DEFAULT, MKL_CBWR=COMPATIBLE, 1 thread" in result.stdout
 
 
 @pytest.mark.slow

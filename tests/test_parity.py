@@ -64,6 +64,9 @@ def test_parity_command_prints_a_table_writes_json_and_exits_zero(model_folder, 
     written = json.loads((tmp_path / "parity.json").read_text())
     assert written["passed"] is True
     assert set(written["paths"][0]["outputs"]) == {"logits", "probability"}
+    # In this process torch ran operators before: the numerics are applied, but the kernels stay as chosen.
+    assert written["reference_numerics"]["mode"] == "pinned"
+    assert written["reference_numerics"]["threads"] == 1
 
 
 def test_model_with_other_weights_fails(model_folder, other_weights_onnx, tmp_path, capsys):

@@ -58,7 +58,7 @@ def apply(mode: str = "pinned") -> Iterator[dict]:
         record["pinned"] = mode == "pinned" and record["cpu_capability"] == PINNED_CAPABILITY
         if mode == "pinned" and not record["pinned"]:
             log.warning(
-                "event=numerics_not_pinned cpu_capability=%s reason=torch_ran_operators_before_training "
+                "event=numerics_not_pinned cpu_capability=%s reason=torch_ran_operators_earlier_in_this_process "
                 "effect=bytes_reproducible_on_this_machine_only",
                 record["cpu_capability"],
             )

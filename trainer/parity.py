@@ -129,20 +129,28 @@ def compare(reference: dict[str, np.ndarray], candidate: dict[str, np.ndarray]) 
     return {"outputs": outputs, "passed": all(o["passed"] for o in outputs.values())}
 
 
-def torch_reference(state_dict_path: Path, points: np.ndarray) -> dict[str, np.ndarray]:
-    """Logits and probabilities from PyTorch, fp32 on CPU, as the notes' eval_model computes them."""
+def torch_reference(state_dict_path: Path, points: np.ndarray) -> tuple[dict[str, np.ndarray], dict]:
+    """Logits and probabilities from PyTorch, fp32 on CPU, as the notes' eval_model computes them, under
+    training's pinned numerics (trainer.numerics: ATen's baseline kernels, MKL_CBWR=COMPATIBLE, one
+    thread), and the record of the numerics in effect.
+
+    Pinned, the reference is the same on every x86-64 CPU, and no kernel, BLAS path or thread split that
+    a CPU or its load picks enters it. (One run of `make test` under ATEN_CPU_CAPABILITY=default in 7
+    once had an unpinned reference 5.2e-4 away from both ONNX Runtime paths, which agreed with each
+    other; it did not come back in 27 more runs. Pinned, it costs about 40 ms for the 1.1 M points.)"""
     import torch
 
+    from trainer import numerics
     from trainer.model import load_classifier
 
-    try:
-        model = load_classifier(state_dict_path)
-    except ValueError as exc:
-        raise ContractError(str(exc)) from exc
-    with torch.no_grad():
+    with numerics.apply("pinned") as in_effect, torch.no_grad():  # before the model's first operator
+        try:
+            model = load_classifier(state_dict_path)
+        except ValueError as exc:
+            raise ContractError(str(exc)) from exc
         logits = model(torch.from_numpy(points))
         probability = torch.sigmoid(logits)
-    return {"logits": logits.numpy(), "probability": probability.numpy()}
+    return {"logits": logits.numpy(), "probability": probability.numpy()}, in_effect
 
 
 def check_contract(session) -> None:
@@ -227,7 +235,7 @@ def run_parity(
         if not path.is_file():
             raise ContractError(f"{path} does not exist; a model folder holds model.onnx and state_dict.pt")
     points = parity_points()
-    reference = torch_reference(state_dict_path, points)
+    reference, reference_numerics = torch_reference(state_dict_path, points)
 
     settings = [("onnxruntime-cpu", SessionSettings(device="cpu"), True)]
     if device in ("auto", "cuda"):
@@ -261,6 +269,7 @@ def run_parity(
 
     return {
         "reference": "PyTorch fp32 on CPU from state_dict.pt",
+        "reference_numerics": reference_numerics,
         "points": describe_points(),
         "tolerance": {
             "max_abs_error": MAX_ABS_ERROR,
@@ -301,12 +310,20 @@ def _versions() -> dict:
     return {"torch": torch.__version__, "onnxruntime": onnxruntime.__version__}
 
 
+def _numerics_line(record: dict) -> str:
+    pinned = "pinned" if record["pinned"] else "NOT pinned (torch ran operators earlier in this process)"
+    return (
+        f"{pinned}: ATen kernels {record['cpu_capability']}, MKL_CBWR={record['mkl_cbwr'] or 'unset'}, "
+        f"{record['threads']} thread{'s' if record['threads'] != 1 else ''}"
+    )
+
+
 def format_table(result: dict) -> str:
     """The result as the table the CLI prints."""
     points = result["points"]
     lines = [
         f"points: {points['total']:,} (grid {points['grid']}, {points['random']}, {points['corners']} corners)",
-        f"reference: {result['reference']}",
+        f"reference: {result['reference']}, numerics {_numerics_line(result['reference_numerics'])}",
         "",
         f"{'path':<22} {'output':<12} {'max abs err':>12} {'max rel err':>12} {'on boundary':>11} "
         f"{'labels agree':>13}  result",
