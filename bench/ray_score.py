@@ -1,6 +1,7 @@
 """Benchmark `xorserve score --engine ray` against `--engine local` on a folder of Parquet files.
 
-    .venv/bin/python bench/ray_score.py [--rows 2000000] [--files 8] [--actors "1 2 4"] [--rounds 2]
+    .venv/bin/python bench/ray_score.py [--rows 2000000] [--files 8] [--actors "1 2 4"] [--rounds 2] \
+        [--rejected 0.5]
 
 Generates `x1,x2` (float32, uniform in [-0.5, 1.5), seed 0) into `--files` Parquet files of row groups of
 128 Ki rows in a temporary folder, starts one local Ray cluster (`ray start --head --num-cpus` = this
@@ -9,9 +10,12 @@ machine's cores), then, in each of `--rounds` rounds, runs `xorserve score` as a
 (`--concurrency`). It reports rows/s twice, as bench/score_bench.py does: the scorer's own figure (from
 its summary line: the data work, once the model is loaded and Ray reached) and over the child's whole
 life; the median over rounds and the range. Each Ray run's output folder is compared with the local
-engine's output, row for row and bit for bit. Joining a running cluster leaves out Ray's start-up
-(`--engine ray` without `--ray-address` starts a local one: a few more seconds, measured once, as
-`start-up`).
+engine's output, row for row and bit for bit, and its errors file with the local engine's, byte for
+byte. `--rejected F` makes x1 NaN in a fraction F of the rows (chosen at random, seed 0), which both
+engines reject: the errors file then holds F x rows lines, and the peak RSS column (the driver's,
+`ru_maxrss`; Ray's workers are other processes) shows what gathering them costs. Joining a running
+cluster leaves out Ray's start-up (`--engine ray` without `--ray-address` starts a local one: a few
+more seconds, measured once, as `start-up`).
 """
 
 from __future__ import annotations
@@ -37,13 +41,15 @@ from serve_perf import free_port  # noqa: E402
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def generate(folder: Path, rows: int, files: int, seed: int = 0) -> None:
+def generate(folder: Path, rows: int, files: int, rejected: float = 0.0, seed: int = 0) -> None:
     rng = np.random.default_rng(seed)
     schema = pa.schema([("x1", pa.float32()), ("x2", pa.float32())])
     per_file = -(-rows // files)
     for k in range(files):
         n = min(per_file, rows - k * per_file)
         x = rng.uniform(-0.5, 1.5, size=(n, 2)).astype(np.float32)
+        if rejected:  # (the rows of --rejected 0 are those of the runs before the option)
+            x[rng.random(n) < rejected, 0] = np.nan
         pq.write_table(
             pa.table({"x1": x[:, 0], "x2": x[:, 1]}, schema=schema),
             folder / f"part-{k:03d}.parquet",
@@ -54,7 +60,9 @@ def generate(folder: Path, rows: int, files: int, seed: int = 0) -> None:
 def same_rows(local: Path, ray_folder: Path) -> bool:
     expected = pq.read_table(local)
     got = pa.concat_tables([pq.read_table(p) for p in sorted(ray_folder.glob("*.parquet"))])
-    return got.equals(expected)
+    errors = (local.with_name(local.stem + ".errors.csv"), ray_folder.with_name(ray_folder.name + ".errors.csv"))
+    same_errors = [p.read_bytes() if p.exists() else None for p in errors]
+    return got.equals(expected) and same_errors[0] == same_errors[1]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -65,6 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=65536)
     parser.add_argument("--model", type=Path, default=ROOT / "models" / "xor" / "1")
+    parser.add_argument("--rejected", type=float, default=0.0, help="fraction of rows with x1 NaN")
     args = parser.parse_args(argv)
     actors = [int(a) for a in args.actors.split()]
     cores = os.cpu_count() or 1
@@ -79,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
         tmp = Path(tmp)
         data = tmp / "in"
         data.mkdir()
-        generate(data, args.rows, args.files)
+        generate(data, args.rows, args.files, args.rejected)
         address = f"127.0.0.1:{free_port()}"
         subprocess.run(
             [
@@ -129,17 +138,21 @@ def main(argv: list[str] | None = None) -> int:
         own["wall_s"] = time.perf_counter() - started
     print(
         f"{args.rows:,} rows in {args.files} Parquet files, {cores} cores, {args.rounds} rounds, "
-        f"batch size {args.batch_size}, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}\n"
+        f"batch size {args.batch_size}, {args.rejected:.0%} of rows rejected, "
+        f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}\n"
     )
-    print("| engine | rows/s (scoring), median (range) | rows/s (whole process), median | same rows as local |")
-    print("|---|---:|---:|---|")
+    print(
+        "| engine | rows/s (scoring), median (range) | rows/s (whole process), median | peak RSS, max "
+        "| same rows and errors as local |"
+    )
+    print("|---|---:|---:|---:|---|")
     for name, runs in results.items():
         rates = [r["rows_per_s"] for r in runs]
         whole = statistics.median(r["process_rows_per_s"] for r in runs)
         same = "-" if "same" not in runs[0] else ("yes" if all(r["same"] for r in runs) else "NO")
         print(
             f"| {name} | {statistics.median(rates) / 1e6:.2f} M ({min(rates) / 1e6:.2f}-{max(rates) / 1e6:.2f}) "
-            f"| {whole / 1e6:.2f} M | {same} |"
+            f"| {whole / 1e6:.2f} M | {max(r['peak_rss_mib'] for r in runs):.0f} MiB | {same} |"
         )
     print(
         f"\nstart-up: --engine ray --concurrency 2 starting its own Ray: {own['wall_s']:.1f} s whole process, "

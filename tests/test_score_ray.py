@@ -128,6 +128,7 @@ def _same_as_local(tmp_path: Path, model_dir: Path, source, *ray_args) -> tuple[
         errors = list(csv.DictReader(f))
     assert int(summary["rows_rejected"]) == len(errors)
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")], "temporary files left behind"
+    assert not [p for p in (tmp_path / "ray").iterdir() if p.name.startswith(".")], "the rejects files left in OUT"
     return summary, errors
 
 
@@ -365,3 +366,23 @@ def test_input_files_expands_folders_and_globs_in_name_order(tmp_path):
     assert [p.name for p in files] == ["a.parquet", "b.parquet"]
     with pytest.raises(readers.InputError, match="no such file or folder"):
         readers.input_files(tmp_path / "missing.parquet")
+
+
+def test_the_write_tasks_rejects_files_merge_by_file_and_row_a_batch_at_a_time(tmp_path):
+    from serving.scoring import ray_engine as r
+
+    # Three write tasks' rejects files, each sorted by (file, row) as a write task writes it; together they
+    # interleave, and one task rejected nothing (no file). Batches of 2 rows make every file several batches.
+    tasks = [[(0, 1), (0, 7), (1, 2), (1, 9), (2, 0)], [(0, 3), (1, 4), (1, 5)], [(0, 2), (0, 8), (2, 1), (2, 2)]]
+    (tmp_path / r.REJECTS).mkdir()
+    for k, rows in enumerate(tasks):
+        files, numbers = zip(*rows, strict=True)
+        table = pa.table(
+            [files, numbers, [f"reason-{f}-{n}" for f, n in rows], ["d"] * len(rows)],
+            schema=r.REJECTS_SCHEMA,
+        )
+        pq.write_table(table, tmp_path / r.REJECTS / f"part-{k:06d}.parquet")
+    merged = list(r.merged_rejects(tmp_path, batch_rows=2))
+    assert [(f, n) for f, n, _, _ in merged] == sorted(row for rows in tasks for row in rows)
+    assert all(reason == f"reason-{f}-{n}" for f, n, reason, _ in merged)  # each row keeps its own verdict
+    assert list(r.merged_rejects(tmp_path / "none")) == []

@@ -8,14 +8,15 @@
               actor), `--batch-size` rows per call, validated by serving.scoring.validate as the local
               engine validates
     write     a Ray Data Datasink: each write task writes its scored rows to `part-TASK.parquet` in a
-              hidden folder beside OUT (renamed to OUT at the end) and returns its rejected rows to
-              the driver, which sorts them by file and row into the errors file, as the local engine
-              writes it
+              hidden folder beside OUT (renamed to OUT at the end), and its rejected rows to
+              `.rejects/part-TASK.parquet` inside it; the driver merges those by file and row into the
+              errors file, as the local engine writes it, and removes `.rejects` before the rename
 
-One streaming pass, in bounded memory except for the rejected rows, which the driver gathers. A task
-that Ray retries writes its file again under the same name, and only the tasks that succeeded report
-rows. Every row read is accounted for: rows_read = rows in OUT + rows in the errors file, checked
-against the files written before they are put in place.
+One streaming pass, in bounded memory: a write task holds its own rejects (to sort them), and the
+driver 512 rows of each write task's rejects file at a time, never all of them. A task that Ray retries
+writes its files again under the same names, and only the tasks that succeeded report rows. Every row
+read is accounted for: rows_read = rows in OUT + rows in the errors file, checked against the files
+written before they are put in place.
 
 The numbers are the local engine's: the same model bytes, the same execution provider and the same
 validation give the same probabilities bit for bit (tests/test_score_ray.py).
@@ -28,12 +29,15 @@ path: the read and write tasks run where Ray puts them.
 from __future__ import annotations
 
 import functools
+import heapq
 import logging
 import os
+import shutil
 import signal
 import socket
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -58,6 +62,9 @@ MALFORMED = PREFIX + "malformed"  # string: a CSV record with the wrong number o
 REASON = PREFIX + "reason"  # string: why the row was rejected; null for a scored row
 DETAIL = PREFIX + "detail"
 _META = pa.schema([(FILE, pa.int32()), (ROW, pa.int64()), (MALFORMED, pa.string())])
+REJECTS = ".rejects"  # the write tasks' rejected rows, inside the folder that becomes OUT (removed before)
+REJECTS_READ = 512  # rows of each write task's rejects file that the driver holds at a time
+REJECTS_BATCH = 65_536  # rows handed to the errors file at a time
 _VERDICT = pa.schema([(REASON, pa.string()), (DETAIL, pa.string())])
 
 
@@ -234,38 +241,71 @@ def _sink(folder, output_schema: pa.Schema):
     from ray.data import Datasink
 
     class XorserveOutput(Datasink):
-        """Each write task's scored rows to `part-TASK.parquet` in `folder` (the task's index: files in name
-        order are rows in input order, and a task Ray retries writes the same file again); its rejects, and
-        the rows it saw and wrote, go back to the driver (`returns`), which writes the errors file."""
+        """Each write task's scored rows to `part-TASK.parquet` in `folder`, its rejected rows to
+        `.rejects/part-TASK.parquet`, by file and row (the task's index: a task Ray retries writes the same
+        files again); the rows it saw, wrote and rejected go back to the driver (`returns`), which merges
+        the rejects files into the errors file (`merged_rejects`)."""
 
         returns: list = []
 
-        def write(self, blocks, ctx) -> tuple[int, int, pa.Table | None]:
-            path = os.path.join(str(folder), f"part-{ctx.task_idx:06d}.parquet")
-            seen = written = 0
-            rejects = []
-            writer = None
-            try:
+        def write(self, blocks, ctx) -> tuple[int, int, int]:
+            name = f"part-{ctx.task_idx:06d}.parquet"
+            seen = 0
+            rejects = []  # this task's only: sorted before they are written (malformed CSV records come last)
+            with _Writer(os.path.join(str(folder), name), output_schema) as scored:
                 for block in blocks:
                     seen += block.num_rows
-                    scored = _scored_only(block, output_schema)
-                    if scored.num_rows:
-                        if writer is None:
-                            writer = pq.ParquetWriter(path, output_schema)
-                        writer.write_table(scored)
-                        written += scored.num_rows
+                    scored.write(_scored_only(block, output_schema))
                     rejected = _rejected_only(block)
                     if rejected.num_rows:
                         rejects.append(rejected)
-            finally:
-                if writer is not None:
-                    writer.close()
-            return seen, written, pa.concat_tables(rejects) if rejects else None
+            with _Writer(os.path.join(str(folder), REJECTS, name), REJECTS_SCHEMA) as rejected:
+                if rejects:
+                    rejected.write(pa.concat_tables(rejects).sort_by([(FILE, "ascending"), (ROW, "ascending")]))
+            return seen, scored.rows, rejected.rows
 
         def on_write_complete(self, write_result) -> None:  # on the driver
             self.returns = list(write_result.write_returns)
 
     return XorserveOutput()
+
+
+class _Writer:
+    """A Parquet file of `schema` that exists once it has a row."""
+
+    def __init__(self, path: str, schema: pa.Schema) -> None:
+        self.path, self.schema, self.rows, self._writer = path, schema, 0, None
+
+    def write(self, table: pa.Table) -> None:
+        if table.num_rows:
+            if self._writer is None:
+                os.makedirs(os.path.dirname(self.path), exist_ok=True)
+                self._writer = pq.ParquetWriter(self.path, self.schema)
+            self._writer.write_table(table if table.schema == self.schema else table.cast(self.schema))
+            self.rows += table.num_rows
+
+    def __enter__(self) -> _Writer:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._writer is not None:
+            self._writer.close()
+
+
+REJECTS_SCHEMA = pa.schema([(FILE, pa.int32()), (ROW, pa.int64()), (REASON, pa.string()), (DETAIL, pa.string())])
+
+
+def merged_rejects(folder, batch_rows: int = REJECTS_READ) -> Iterator[tuple[int, int, str, str]]:
+    """(file, row, reason, detail) of every rejected row in the write tasks' rejects files, by file and row:
+    a merge of the files (each sorted so), holding one batch of each at a time."""
+
+    def rows_of(path: Path) -> Iterator[tuple[int, int, str, str]]:
+        with pq.ParquetFile(path) as parquet:
+            for batch in parquet.iter_batches(batch_size=batch_rows, columns=REJECTS_SCHEMA.names):
+                yield from zip(*(batch.column(i).to_pylist() for i in range(4)), strict=True)
+
+    files = sorted(Path(folder, REJECTS).glob("*.parquet"))
+    yield from heapq.merge(*(rows_of(path) for path in files), key=lambda r: (r[0], r[1]))
 
 
 def _scored_only(batch: pa.Table, output_schema: pa.Schema) -> pa.Table:
@@ -384,30 +424,27 @@ def run(
         ).write_datasink(sink)
     except ray.exceptions.RayError as exc:
         raise _cause(exc) from None
-    returns = sink.returns  # (rows seen, rows written, rejects) of every write task that succeeded
+    returns = sink.returns  # (rows seen, rows written, rows rejected) of every write task that succeeded
     rows_read = sum(seen for seen, _, _ in returns)
-    rejected = [table for _, _, table in returns if table is not None]
-    rejects = pa.concat_tables(rejected).sort_by([(FILE, "ascending"), (ROW, "ascending")]) if rejected else None
     log.info("event=ray_done rows=%d write_tasks=%d seconds=%.3f", rows_read, len(returns), time.perf_counter() - began)
-    summary = Summary(rows_read=rows_read, rows_rejected=rejects.num_rows if rejects is not None else 0)
+    summary = Summary(rows_read=rows_read, rows_rejected=sum(n for _, _, n in returns))
     summary.rows_scored = rows_read - summary.rows_rejected
     written = _rows_in(out_dir, plan.output_schema)
     if written != summary.rows_scored or written != sum(n for _, n, _ in returns):
         raise AssertionError(f"rows unaccounted for: {summary}, but {written} rows in the output files")
-    if rejects is not None:
-        files = rejects.column(FILE).to_pylist()
-        write_rejects(
-            [
-                Reject(row, reason, detail, plan.names[index] if plan.several else None)
-                for index, row, reason, detail in zip(
-                    files,
-                    rejects.column(ROW).to_pylist(),
-                    rejects.column(REASON).to_pylist(),
-                    rejects.column(DETAIL).to_pylist(),
-                    strict=True,
-                )
-            ]
-        )
+    rejected = 0
+    batch: list[Reject] = []
+    for index, row, reason, detail in merged_rejects(out_dir):
+        batch.append(Reject(row, reason, detail, plan.names[index] if plan.several else None))
+        if len(batch) == REJECTS_BATCH:
+            write_rejects(batch)
+            rejected, batch = rejected + len(batch), []
+    if batch:
+        write_rejects(batch)
+        rejected += len(batch)
+    if rejected != summary.rows_rejected:
+        raise AssertionError(f"rows unaccounted for: {summary}, but {rejected} rows in the rejects files")
+    shutil.rmtree(Path(out_dir, REJECTS), ignore_errors=True)  # not part of OUT
     return summary
 
 
