@@ -292,9 +292,11 @@ class GenericOnly:
     handlers generically only: `add_registered_method_handlers` is dropped.
 
     Registered methods made grpcio 1.85's aio server cancel other clients' fresh calls (CANCELLED, before
-    any handler ran) under a storm of expiring and cancelled calls that outran its event loop: 6 to 24 of
-    about 2,000 background calls in 8 s with the server and the storm on one core (tests/test_isolation.py).
-    Generic handlers alone lost none, and cost nothing measurable (docs/benchmarks.md, "Registered methods")."""
+    any handler ran) under a storm of expiring and cancelled calls that outran its event loop: 4 to 23 of
+    about 5,000 background calls in 6 s, the server on one core and the clients on another
+    (tests/test_isolation.py). Generic handlers alone lost none there, and cost nothing measurable
+    (docs/benchmarks.md, "Registered methods"). With the server and the clients on one core both lose a
+    few (docs/serving.md, "Inside the server")."""
 
     def __init__(self, server: grpc.aio.Server) -> None:
         self._server = server
