@@ -38,6 +38,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from score_bench import run_scorer  # noqa: E402
 from serve_perf import free_port  # noqa: E402
 
+from serving.cli.score import default_errors_path  # noqa: E402
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -60,7 +62,7 @@ def generate(folder: Path, rows: int, files: int, rejected: float = 0.0, seed: i
 def same_rows(local: Path, ray_folder: Path) -> bool:
     expected = pq.read_table(local)
     got = pa.concat_tables([pq.read_table(p) for p in sorted(ray_folder.glob("*.parquet"))])
-    errors = (local.with_name(local.stem + ".errors.csv"), ray_folder.with_name(ray_folder.name + ".errors.csv"))
+    errors = (default_errors_path(local), default_errors_path(ray_folder))
     same_errors = [p.read_bytes() if p.exists() else None for p in errors]
     return got.equals(expected) and same_errors[0] == same_errors[1]
 

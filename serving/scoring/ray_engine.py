@@ -66,6 +66,7 @@ REJECTS = ".rejects"  # the write tasks' rejected rows, inside the folder that b
 REJECTS_READ = 512  # rows of each write task's rejects file that the driver holds at a time
 REJECTS_BATCH = 65_536  # rows handed to the errors file at a time
 _VERDICT = pa.schema([(REASON, pa.string()), (DETAIL, pa.string())])
+REJECTS_SCHEMA = pa.schema([_META.field(FILE), _META.field(ROW), *_VERDICT])  # a write task's rejects file
 
 
 class RayMissing(ImportError):
@@ -290,9 +291,6 @@ class _Writer:
     def __exit__(self, *exc) -> None:
         if self._writer is not None:
             self._writer.close()
-
-
-REJECTS_SCHEMA = pa.schema([(FILE, pa.int32()), (ROW, pa.int64()), (REASON, pa.string()), (DETAIL, pa.string())])
 
 
 def merged_rejects(folder, batch_rows: int = REJECTS_READ) -> Iterator[tuple[int, int, str, str]]:

@@ -50,9 +50,9 @@ LARGE_BYTES = 16 * 1024 * 1024
 LARGE_ROWS_AT_LEAST = 1024  # below it the bytes are not counted (a model's rows are rarely 16 KiB)
 RETURN_AFTER_S = 0.3
 # A request held while the server drains (DataPlane.refused) is told UNAVAILABLE this long before its
-# deadline at the latest, so that the client learns why rather than DEADLINE_EXCEEDED.
-# A refused request is told this long before its deadline (a tenth of the time it had, if less), so that
-# the answer reaches a loaded client before its own timer fires: 5 ms was too little on a busy 2-core machine.
+# deadline (a tenth of the time it had, if less), so that the client learns why rather than
+# DEADLINE_EXCEEDED: the answer must reach a loaded client before its own timer fires, and 5 ms was too
+# little on a busy 2-core machine.
 REFUSE_BEFORE_DEADLINE_S = 0.05
 
 
